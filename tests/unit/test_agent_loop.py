@@ -1,0 +1,186 @@
+"""The multi-turn loop, driven by a scripted fake engine over the embedded model's real tokenizer
+and chat template (the real-vLLM version of these checks is tests/integration/test_rollout.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from toolrl.rollout.agent_loop import AgentLoop, Episode, LoopConfig
+from toolrl.rollout.chat import ChatBuilder
+from toolrl.rollout.parsers.hermes import HermesParser
+from toolrl.rollout.sampler import Generation, Sampler, Sampling
+from toolrl.tools.base import StatelessTool, ToolInfraError
+from toolrl.tools.calculator import Calculator
+
+CALL = '<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>'
+
+
+def call(expr: str, name: str = "calculator") -> str:
+    return CALL.format(name=name, args=json.dumps({"expression": expr}))
+
+
+class ScriptedEngine:
+    """Replies with the next scripted text for each turn; logprob -0.5 per sampled id."""
+
+    def __init__(self, tok, script):
+        self.tok, self.script, self.contexts = tok, script, []
+
+    async def generate(self, token_ids: list[int], sampling: Sampling) -> Generation:
+        self.contexts.append(list(token_ids))
+        context = self.tok.decode(token_ids)
+        turn = context.count("<|im_start|>assistant") - 1  # assistant headers so far
+        text = self.script(turn, context)
+        ids = self.tok.encode(text, add_special_tokens=False)
+        if len(ids) > sampling.max_new_tokens:
+            return Generation(
+                ids[: sampling.max_new_tokens], [-0.5] * sampling.max_new_tokens, "length"
+            )
+        return Generation(ids, [-0.5] * len(ids), "stop")
+
+
+class Recorder(StatelessTool):
+    """A tool that records its lifecycle and can sleep, fail or wait on an event."""
+
+    name = "rec"
+
+    def __init__(self, behaviour="echo"):
+        self.behaviour, self.log, self.release = behaviour, [], asyncio.Event()
+
+    def schema(self):
+        return {"type": "function", "function": {"name": "rec", "parameters": {"type": "object"}}}
+
+    async def open(self, key):
+        self.log.append(("open", key))
+
+    async def close(self, key):
+        self.log.append(("close", key))
+
+    async def call(self, key, arguments):
+        self.log.append(("call", key))
+        if self.behaviour == "hang":
+            await asyncio.sleep(3600)
+        if self.behaviour == "boom":
+            raise RuntimeError("bug in tool")
+        if self.behaviour == "infra":
+            raise ToolInfraError("sandbox died")
+        if self.behaviour == "wait":
+            await self.release.wait()
+        return f"rec:{arguments.get('expression')}", True
+
+
+@pytest.fixture(scope="module")
+def tok(embedded_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_base)
+
+
+def make_loop(tok, script, tools=None, **cfg):
+    tools = tools or {"calculator": Calculator()}
+    chat = ChatBuilder(tok, [t.schema() for t in tools.values()])
+    engine = ScriptedEngine(tok, script)
+    reward = lambda text, answer: float(answer in text)  # noqa: E731
+    loop = AgentLoop(engine, chat, HermesParser(), tools, reward, LoopConfig(**cfg))
+    return loop, engine, chat
+
+
+EP = Episode(0, [{"role": "user", "content": "What is 6 * 7?"}], "42", seed=1)
+
+
+def run(loop, ep=EP):
+    return asyncio.run(loop.run(ep, Sampler(max_new_tokens=64)))
+
+
+def test_tool_call_then_answer_is_token_exact(tok):
+    script = lambda turn, ctx: [call("6 * 7") + "<|im_end|>", "The answer is 42.<|im_end|>"][turn]  # noqa: E731
+    loop, engine, chat = make_loop(tok, script)
+    t = run(loop)
+    assert t.reward == 1.0 and len(t.turns) == 2 and t.info["final_text"] == "The answer is 42."
+    first = tok.encode(script(0, ""), add_special_tokens=False)
+    second = tok.encode(script(1, ""), add_special_tokens=False)
+    # The trajectory is prompt + sampled + (glue, tool answer, header) + sampled, ids untouched.
+    assert t.token_ids[: t.prompt_len] == chat.prompt_ids(EP.messages)
+    assert t.token_ids[t.turns[0].start : t.turns[0].end] == first
+    assert t.token_ids[t.turns[1].start : t.turns[1].end] == second
+    assert engine.contexts[1] == t.token_ids[: t.turns[1].start]
+    between = tok.decode(t.token_ids[t.turns[0].end : t.turns[1].start])
+    assert "<tool_response>\n42\n</tool_response>" in between
+    masked_in = tok.decode([i for i, m in zip(t.token_ids, t.loss_mask, strict=True) if m])
+    assert "tool_response" not in masked_in and "<|im_start|>" not in masked_in
+    assert t.turns[0].results[0].content == "42" and t.num_tool_errors == 0
+
+
+def test_malformed_call_becomes_an_error_the_model_reads(tok):
+    bad = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6 * 7"}\n</tool_call>'
+    script = lambda turn, ctx: [bad + "<|im_end|>", "42<|im_end|>"][turn]  # noqa: E731
+    loop, engine, _ = make_loop(tok, script)
+    t = run(loop)
+    assert t.turns[0].parse_errors and t.num_tool_errors == 1
+    assert "invalid JSON" in tok.decode(engine.contexts[1]) and t.reward == 1.0
+
+
+def test_unknown_tool_and_crashing_tool_answer_with_text(tok):
+    script = lambda turn, ctx: [
+        call("1", name="nope") + call("2", name="rec") + "<|im_end|>",
+        "done<|im_end|>",
+    ][turn]  # noqa: E731
+    loop, engine, _ = make_loop(tok, script, tools={"rec": Recorder("boom")})
+    t = run(loop)
+    texts = [r.content for r in t.turns[0].results]
+    assert "unknown tool 'nope'" in texts[0] and "bug in tool" in texts[1]
+    assert t.infra_error is None and t.num_tool_errors == 2
+
+
+def test_tool_timeout_is_enforced_by_the_loop(tok):
+    script = lambda turn, ctx: [call("x", name="rec") + "<|im_end|>", "ok<|im_end|>"][turn]  # noqa: E731
+    loop, _, _ = make_loop(tok, script, tools={"rec": Recorder("hang")}, tool_timeout_s=0.05)
+    t = run(loop)
+    assert "timed out" in t.turns[0].results[0].content and not t.turns[0].results[0].ok
+
+
+def test_infra_fault_marks_trajectory_and_closes_tools(tok):
+    rec = Recorder("infra")
+    script = lambda turn, ctx: call("x", name="rec") + "<|im_end|>"  # noqa: E731
+    loop, _, _ = make_loop(tok, script, tools={"rec": rec})
+    t = run(loop)
+    assert t.infra_error and "sandbox died" in t.infra_error
+    assert [e[0] for e in rec.log] == ["open", "call", "close"]
+
+
+def test_out_of_turns_or_tokens_gives_no_answer(tok):
+    script = lambda turn, ctx: call("1 + 1") + "<|im_end|>"  # noqa: E731
+    loop, _, _ = make_loop(tok, script, max_turns=2)
+    t = run(loop)
+    assert len(t.turns) == 2 and t.info["final_text"] is None and t.reward == 0.0
+    loop, _, _ = make_loop(tok, lambda turn, ctx: "42 " * 200, max_total_tokens=120)
+    t = run(loop)
+    assert t.turns[-1].finish_reason == "length" and len(t.token_ids) == 120 and t.reward == 0.0
+
+
+def test_state_is_per_trajectory_and_a_slow_tool_does_not_stall_others(tok):
+    rec = Recorder("wait")
+    slow = Episode(0, [{"role": "user", "content": "slow"}], "x", seed=1)
+    fast = Episode(1, [{"role": "user", "content": "fast"}], "42", seed=2)
+
+    def script(turn, ctx):
+        if "slow" in ctx and turn == 0:
+            return call("s", name="rec") + "<|im_end|>"
+        return "42<|im_end|>"
+
+    loop, _, _ = make_loop(tok, script, tools={"rec": rec})
+
+    async def main():
+        sampler = Sampler(max_new_tokens=64)
+        slow_task = asyncio.create_task(loop.run(slow, sampler))
+        done_fast = await asyncio.wait_for(loop.run(fast, sampler), timeout=10)
+        assert done_fast.reward == 1.0 and not slow_task.done()  # the slow call is still pending
+        rec.release.set()
+        return await asyncio.wait_for(slow_task, timeout=10)
+
+    t = asyncio.run(main())
+    assert t.turns[0].results[0].content == "rec:s"
+    keys = {k for _, k in rec.log}
+    assert len(keys) == 1 and [e[0] for e in rec.log] == ["open", "call", "close"]

@@ -1,0 +1,75 @@
+"""Unit tests for toolrl.algo.batch: padding, the one-token shift, split and micro-batches."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from toolrl.algo.batch import TrainBatch
+from toolrl.rollout.trajectory import Trajectory
+
+
+def _traj(prompt: list[int], sampled: list[int], tool: list[int], more: list[int]) -> Trajectory:
+    t = Trajectory.from_prompt(0, prompt)
+    t.append_sampled(sampled, [-0.1 * (i + 1) for i in range(len(sampled))])
+    t.append_context(tool)
+    t.append_sampled(more, [-1.0] * len(more))
+    return t
+
+
+def _batch(n: int = 3) -> TrainBatch:
+    trajs = [_traj([1, 2, 3], [10, 11], [50], [12] * i) for i in range(n)]
+    return TrainBatch.from_trajectories(trajs, torch.arange(n, dtype=torch.float32) + 1, pad_id=0)
+
+
+def test_padding_and_shift_by_one() -> None:
+    a = _traj([1, 2, 3], [10, 11], [50, 51], [12])  # 8 ids
+    b = _traj([1, 2], [20], [], [])  # 3 ids
+    batch = TrainBatch.from_trajectories([a, b], torch.tensor([2.0, -1.0]), pad_id=99)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 10, 11, 50, 51, 12], [1, 2, 20] + [99] * 5]
+    assert batch.attention_mask.tolist() == [[1] * 8, [1] * 3 + [0] * 5]
+    # column t is 1 when token t+1 was sampled: ids 10, 11 at 3, 4 -> columns 2, 3; 12 at 7 -> 6
+    assert batch.loss_mask.tolist() == [[0, 0, 1, 1, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 0]]
+    assert batch.old_logprobs[0].tolist() == pytest.approx([0, 0, -0.1, -0.2, 0, 0, -1.0, 0])
+    assert batch.advantages.tolist() == [[0, 0, 2, 2, 0, 0, 2, 0], [0, -1, 0, 0, 0, 0, 0, 0]]
+    assert batch.num_tokens == 4 and batch.size == 2
+    assert batch.input_ids.dtype == torch.long and batch.ref_logprobs is None
+
+
+def test_mismatched_lengths_raise() -> None:
+    with pytest.raises(ValueError):
+        TrainBatch.from_trajectories([_traj([1], [2], [], [])], torch.zeros(2), pad_id=0)
+    with pytest.raises(ValueError):
+        TrainBatch(*(torch.zeros(2, 3) for _ in range(4)), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize(
+    ("n", "parts", "sizes"), [(5, 2, [3, 2]), (7, 3, [3, 2, 2]), (1, 2, [1, 0])]
+)
+def test_split_is_even_ordered_and_complete(n: int, parts: int, sizes: list[int]) -> None:
+    batch = _batch(n)
+    batch.ref_logprobs = torch.randn(batch.input_ids.shape)
+    split = batch.split(parts)
+    assert [p.size for p in split] == sizes
+    assert all(p.input_ids.shape[1] == batch.input_ids.shape[1] for p in split)
+    for name in ("input_ids", "loss_mask", "advantages", "ref_logprobs"):
+        assert torch.equal(torch.cat([getattr(p, name) for p in split]), getattr(batch, name))
+    assert sum(p.num_tokens for p in split) == batch.num_tokens
+
+
+def test_split_parts_do_not_pickle_the_whole_batch() -> None:
+    batch = _batch(40)
+    part = batch.split(4)[0]
+    assert len(pickle.dumps(part)) < len(pickle.dumps(batch)) / 2
+
+
+def test_micro_batches_and_trim() -> None:
+    batch = _batch(5)
+    micro = list(batch.micro_batches(2))
+    assert [m.size for m in micro] == [2, 2, 1]
+    assert torch.equal(torch.cat([m.old_logprobs for m in micro]), batch.old_logprobs)
+    first = micro[0].trimmed()  # rows of 6 and 7 ids in a batch 10 wide
+    assert first.input_ids.shape == (2, 7) and first.loss_mask.shape == (2, 7)
+    assert first.num_tokens == micro[0].num_tokens

@@ -1,0 +1,116 @@
+"""The training batch: trajectories padded into [B, T] tensors, with split and micro-batching.
+
+Alignment convention (used by every [B, T] tensor here, by `Policy.logprobs` and by the loss):
+
+    column t of loss_mask / old_logprobs / advantages / ref_logprobs describes the
+    prediction of token t+1 from input_ids[:, :t+1], i.e. the logits at position t.
+
+So `loss_mask[i, t] = traj.loss_mask[t + 1]` and `old_logprobs[i, t] = traj.logprobs[t + 1]`.
+The last column never has a target and is always 0. Nothing is lost by the shift: token 0
+is a prompt token, never sampled. All tensors keep the full width T = longest trajectory,
+so input_ids and the per-token tensors share one shape. Rows are right-padded with
+`pad_id` (attention_mask 0, loss_mask 0), so real tokens keep positions 0..len-1.
+
+Run `python -m pytest tests/unit/test_batch.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from toolrl.rollout.trajectory import Trajectory
+
+
+@dataclass
+class TrainBatch:
+    input_ids: Tensor  # [B, T] long, right-padded
+    attention_mask: Tensor  # [B, T] long, 1 on real tokens
+    loss_mask: Tensor  # [B, T] float 0/1, 1 where token t+1 was sampled by the policy
+    old_logprobs: Tensor  # [B, T] float, rollout logprob of token t+1 (0 where masked out)
+    advantages: Tensor  # [B, T] float, the sample's advantage on its masked-in columns
+    ref_logprobs: Tensor | None = None  # [B, T] float, reference logprob of token t+1
+
+    def __post_init__(self) -> None:
+        shape = self.input_ids.shape
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is not None and t.shape != shape:
+                raise ValueError(f"{f.name} has shape {tuple(t.shape)}, input_ids {tuple(shape)}")
+
+    @classmethod
+    def from_trajectories(
+        cls, trajs: list[Trajectory], advantages: Tensor, pad_id: int
+    ) -> TrainBatch:
+        """Pad trajectories (right) into a batch. advantages: [N], one scalar per trajectory.
+
+        Trajectories with infra_error must already be left out by the caller.
+        """
+        if len(trajs) != advantages.numel():
+            raise ValueError(f"{len(trajs)} trajectories but {advantages.numel()} advantages")
+        n, width = len(trajs), max((len(t.token_ids) for t in trajs), default=1)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(n, width, dtype=torch.long)
+        loss_mask = torch.zeros(n, width)
+        old_logprobs = torch.zeros(n, width)
+        for i, traj in enumerate(trajs):
+            length = len(traj.token_ids)
+            input_ids[i, :length] = torch.tensor(traj.token_ids, dtype=torch.long)
+            attention_mask[i, :length] = 1
+            # shift by one: column t predicts token t+1 (see the module docstring)
+            loss_mask[i, : length - 1] = torch.tensor(traj.loss_mask[1:], dtype=torch.float32)
+            old_logprobs[i, : length - 1] = torch.tensor(traj.logprobs[1:], dtype=torch.float32)
+        adv = advantages.float().reshape(n, 1) * loss_mask  # [N, T]
+        return cls(input_ids, attention_mask, loss_mask, old_logprobs * loss_mask, adv)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Masked-in (policy-sampled) tokens: the denominator of the token-mean loss."""
+        return int(self.loss_mask.sum().item())
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> TrainBatch:
+        """Apply fn to every tensor field (None stays None)."""
+        return TrainBatch(
+            **{
+                f.name: None if (t := getattr(self, f.name)) is None else fn(t)
+                for f in fields(self)
+            }
+        )
+
+    def rows(self, start: int, end: int) -> TrainBatch:
+        """Rows [start, end) as a new batch (views, no copy)."""
+        return self._map(lambda t: t[start:end])
+
+    def split(self, n: int) -> list[TrainBatch]:
+        """n contiguous parts whose sizes differ by at most one (some may be empty).
+
+        Parts are copies, not views: pickling a view (to send it to a rank) would ship the
+        whole underlying storage.
+        """
+        base, extra = divmod(self.size, n)
+        parts, start = [], 0
+        for i in range(n):
+            end = start + base + (1 if i < extra else 0)
+            parts.append(self.rows(start, end)._map(torch.clone))
+            start = end
+        return parts
+
+    def micro_batches(self, size: int) -> Iterator[TrainBatch]:
+        """Consecutive chunks of at most `size` rows."""
+        for start in range(0, self.size, size):
+            yield self.rows(start, min(start + size, self.size))
+
+    def trimmed(self) -> TrainBatch:
+        """Drop trailing columns that are padding in every row (saves compute per micro-batch)."""
+        width = max(int(self.attention_mask.sum(dim=1).max().item()), 1) if self.size else 1
+        return self._map(lambda t: t[:, :width])
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return self._map(lambda t: t.to(device))

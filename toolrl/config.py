@@ -1,0 +1,221 @@
+"""Typed configuration: the dataclass schemas behind `conf/`, and validation before Ray starts.
+
+Hydra composes `conf/config.yaml` on top of `Config` (registered in the ConfigStore as
+`toolrl_schema`), so a typo in a key or a wrong type fails at composition. `main` then
+turns the result into these dataclasses once, with `to_config`, and calls `validate`,
+which checks what types cannot: ranges, cross-field rules and that every `_target_`
+imports and accepts its arguments. Nothing below `main` sees a DictConfig.
+
+Print the composed config with `python -m toolrl.main --cfg job`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from toolrl.algo.losses import LossConfig
+from toolrl.rollout.engine import EngineConfig
+from toolrl.workers.actor import OptimConfig
+from toolrl.workers.train_group import TrainGroupConfig
+
+Target = dict[str, Any]  # a YAML mapping with a `_target_` key plus constructor arguments
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    # "embedded" builds (once, then cached) the tiny default model; otherwise a local HF folder.
+    path: str = "embedded"
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1  # Ray actors, each owning one engine
+    num_cpus_per_worker: float = 1.0
+    n: int = 8  # samples per prompt (the GRPO group size)
+    max_turns: int = 3  # assistant turns per trajectory
+    max_total_tokens: int = 512  # prompt + everything appended; a trajectory stops when full
+    tool_timeout_s: float = 10.0  # per call, enforced by the loop
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampler: Target = field(
+        default_factory=lambda: {"_target_": "toolrl.rollout.sampler.Sampler", "temperature": 1.0}
+    )
+    eval_sampler: Target = field(
+        default_factory=lambda: {"_target_": "toolrl.rollout.sampler.Sampler", "temperature": 1.0}
+    )
+
+
+@dataclass
+class AlgorithmConfig:
+    advantages: Target = field(
+        default_factory=lambda: {
+            "_target_": "toolrl.algo.advantages.grpo_advantages",
+            "_partial_": True,
+        }
+    )
+    loss: LossConfig = field(default_factory=LossConfig)
+    mini_batches: int = 1  # optimizer steps per rollout batch
+    recompute_old_logprobs: bool = True  # else trust the engine's logprobs as pi_old
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 30
+    prompts_per_step: int = 16
+    eval_every: int = 10  # steps; 0 evaluates only at the start and the end
+    eval_prompts: int = 64
+    seed: int = 0
+    train_group: TrainGroupConfig = field(default_factory=TrainGroupConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    save_checkpoint: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "toolrl"
+    run_name: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None starts a local cluster; "auto" joins one (Slurm)
+    num_cpus: int | None = None  # local cluster only; None lets Ray count the cores
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    parser: Target = field(
+        default_factory=lambda: {"_target_": "toolrl.rollout.parsers.hermes.HermesParser"}
+    )
+    tools: dict[str, Target] = field(default_factory=dict)
+    task: Target = field(
+        default_factory=lambda: {"_target_": "toolrl.data.arithmetic.ArithmeticTask"}
+    )
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: str = "."  # set by main to Hydra's output folder
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="toolrl_schema", node=Config)
+
+
+def _reject_unknown_keys(node: Any, where: str) -> None:
+    # `+trainer.totl_steps=3` adds a key the schema lacks; to_object would silently drop it.
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in known:
+            raise ConfigError(
+                f"{where}{key}: unknown key; {schema.__name__} has {', '.join(sorted(known))}"
+            )
+        _reject_unknown_keys(node._get_node(key), f"{where}{key}.")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The one conversion from Hydra's DictConfig to typed dataclasses."""
+    _reject_unknown_keys(cfg, "")
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):
+        raise TypeError("config.yaml must list `toolrl_schema` first in its defaults")
+    return obj
+
+
+def resolve_target(where: str, spec: Target) -> Any:
+    """Import a `_target_` and check its arguments bind, so mistakes surface before Ray starts."""
+    if "_target_" not in spec:
+        raise ConfigError(f"{where}: needs a `_target_` (a dotted path to a class or function)")
+    path = str(spec["_target_"])
+    module_name, _, attr = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{where}._target_={path!r} cannot be imported: {e}") from e
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    if kwargs or inspect.isclass(obj):
+        try:
+            inspect.signature(obj).bind_partial(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{where}: {path} does not accept these arguments: {e}") from e
+    return obj
+
+
+def instantiate(spec: Target, **extra: Any) -> Any:
+    """Build an object from a `_target_` mapping (nested targets and `_partial_` work as in Hydra)."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    return hydra_instantiate(spec, **extra, _convert_="all")
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types cannot express. Raises ConfigError naming the key to change."""
+    r, t, a = cfg.rollout, cfg.trainer, cfg.algorithm
+    _check(r.n >= 2, "rollout.n", f"is {r.n}; GRPO compares samples of a prompt, use >= 2")
+    _check(r.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+    _check(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
+    _check(r.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
+    _check(
+        r.max_total_tokens <= r.engine.max_model_len,
+        "rollout.max_total_tokens",
+        f"is {r.max_total_tokens} but rollout.engine.max_model_len is {r.engine.max_model_len}; "
+        "raise the latter or lower the former",
+    )
+    _check(t.total_steps >= 0, "trainer.total_steps", "must be >= 0")
+    _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
+    _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0: only at start and end)")
+    _check(t.train_group.world_size >= 1, "trainer.train_group.world_size", "must be >= 1")
+    batch = t.prompts_per_step * r.n
+    _check(
+        a.mini_batches >= 1 and batch // a.mini_batches >= t.train_group.world_size,
+        "algorithm.mini_batches",
+        f"{a.mini_batches} mini-batches of a {batch}-sample batch leave fewer samples than the "
+        f"{t.train_group.world_size} training ranks; lower it or raise trainer.prompts_per_step",
+    )
+    _check(t.optim.lr > 0, "trainer.optim.lr", "must be > 0")
+    loss = a.loss
+    _check(0 < loss.clip_low < 1, "algorithm.loss.clip_low", "must be in (0, 1)")
+    _check(loss.clip_high > 0, "algorithm.loss.clip_high", "must be > 0")
+    _check(loss.kl_coef >= 0, "algorithm.loss.kl_coef", "must be >= 0")
+    _check(
+        cfg.logger.wandb_mode in ("offline", "online", "disabled"),
+        "logger.wandb_mode",
+        f"is {cfg.logger.wandb_mode!r}; use offline, online or disabled",
+    )
+    path = cfg.model.path
+    _check(
+        path == "embedded" or os.path.isfile(os.path.join(path, "config.json")),
+        "model.path",
+        f"{path!r} is not a Hugging Face model folder (no config.json); use `embedded` or a local folder",
+    )
+    _check(bool(cfg.tools), "tools", "no tools configured; add one, e.g. tools=calculator")
+    for name, spec in cfg.tools.items():
+        resolve_target(f"tools.{name}", spec)
+    resolve_target("parser", cfg.parser)
+    resolve_target("task", cfg.task)
+    resolve_target("rollout.sampler", r.sampler)
+    resolve_target("rollout.eval_sampler", r.eval_sampler)
+    resolve_target("algorithm.advantages", a.advantages)

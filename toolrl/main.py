@@ -1,0 +1,119 @@
+"""Entry point: compose the config, type it, validate it, start Ray, build the groups, train.
+
+    python -m toolrl.main                                   # the embedded default, on CPU
+    python -m toolrl.main trainer.total_steps=20 rollout.n=8
+    python -m toolrl.main --cfg job                         # print the composed config
+    python -m toolrl.main --help                            # config groups and options
+
+A bad config fails here, before Ray starts, with the key to change. Outputs (metrics.jsonl,
+wandb files, the final Hugging Face checkpoint) go to Hydra's run folder, `runs/<date>/<time>`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from toolrl.config import Config, ConfigError, instantiate, register, to_config, validate
+
+log = logging.getLogger("toolrl")
+register()
+
+
+def resolve_model(path: str) -> str:
+    """`embedded` builds (or finds cached) the tiny default model; anything else is a folder."""
+    if path != "embedded":
+        return path
+    from toolrl.models.tiny import build_embedded_model
+
+    return str(build_embedded_model())
+
+
+def run(cfg: Config) -> dict[str, float]:
+    """Everything after validation: model, Ray, worker groups, the loop. Returns final metrics."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from toolrl.metrics import MetricsLogger
+    from toolrl.rollout.agent_loop import LoopConfig
+    from toolrl.trainer import Trainer
+    from toolrl.workers.rollout import RolloutGroup, RolloutSpec
+    from toolrl.workers.train_group import TrainGroup
+
+    model_path = resolve_model(cfg.model.path)
+    r, t = cfg.rollout, cfg.trainer
+    # Workers keep warnings and errors but not vLLM's and transformers' start-up chatter,
+    # so the console shows the progress bar.
+    quiet = {
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
+        "TQDM_DISABLE": "1",
+    }
+    ray.init(
+        address=cfg.ray.address,
+        num_cpus=None if cfg.ray.address else cfg.ray.num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": quiet},
+    )
+    try:
+        spec = RolloutSpec(
+            model_path=model_path,
+            engine=r.engine,
+            loop=LoopConfig(r.max_turns, r.max_total_tokens, r.tool_timeout_s),
+            sampler=r.sampler,
+            eval_sampler=r.eval_sampler,
+            parser=cfg.parser,
+            tools=cfg.tools,
+            task=cfg.task,
+        )
+        rollout = RolloutGroup(spec, r.num_workers, r.num_cpus_per_worker)
+        train = TrainGroup(t.train_group, model_path, t.optim, cfg.algorithm.loss)
+        logger = MetricsLogger(
+            cfg.run_dir,
+            t.total_steps,
+            cfg.logger.wandb_mode,
+            cfg.logger.project,
+            cfg.logger.run_name,
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
+            progress_bar=cfg.logger.progress_bar,
+        )
+        trainer = Trainer(
+            cfg,
+            task=instantiate(cfg.task),
+            advantages=instantiate(cfg.algorithm.advantages),
+            rollout=rollout,
+            train=train,
+            logger=logger,
+            pad_id=AutoTokenizer.from_pretrained(model_path).pad_token_id,
+            model_path=model_path,
+        )
+        try:
+            return trainer.fit()
+        finally:
+            logger.close()
+    finally:
+        ray.shutdown()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    try:
+        cfg = to_config(dcfg)
+        validate(cfg)
+    except ConfigError as e:
+        print(f"toolrl: bad config: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    final = run(cfg)
+    summary = {k: v for k, v in final.items() if k.startswith("eval/") or k == "checkpoint"}
+    print(json.dumps({"run_dir": cfg.run_dir, **summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

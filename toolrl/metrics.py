@@ -1,0 +1,98 @@
+"""Per-step metrics: summaries of a batch of trajectories, and where they are written.
+
+Every step's metrics go to `metrics.jsonl` in the run directory (one JSON object a line,
+always), to wandb (offline by default, so no account is needed; `wandb sync` uploads a
+run later) and to a progress bar on the console.
+
+    python -c "import json; [print(json.loads(l)['eval/reward']) for l in open('RUN/metrics.jsonl')]"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from toolrl.rollout.trajectory import Trajectory
+
+
+def rollout_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
+    """Means over a batch: reward, lengths, turns, tool calls and errors, infra failures."""
+    if not trajs:
+        return {}
+    sampled = [sum(t.loss_mask) for t in trajs]
+    return {
+        f"{prefix}/reward": mean(t.reward for t in trajs),
+        f"{prefix}/answered": mean(t.info.get("final_text") is not None for t in trajs),
+        f"{prefix}/response_len": mean(t.response_len for t in trajs),
+        f"{prefix}/sampled_tokens": mean(sampled),
+        f"{prefix}/turns": mean(len(t.turns) for t in trajs),
+        f"{prefix}/tool_calls": mean(t.num_tool_calls for t in trajs),
+        f"{prefix}/tool_errors": mean(t.num_tool_errors for t in trajs),
+        f"{prefix}/truncated": mean(
+            any(u.finish_reason == "length" for u in t.turns) for t in trajs
+        ),
+        f"{prefix}/infra_errors": mean(t.infra_error is not None for t in trajs),
+    }
+
+
+_BAR_KEYS = {
+    "train/reward": "reward",
+    "eval/reward": "eval",
+    "train/tool_calls": "calls",
+    "time/step_s": "step_s",
+}
+
+
+class MetricsLogger:
+    """Writes each step's metrics to JSONL, wandb and the progress bar."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        total_steps: int,
+        wandb_mode: str,
+        project: str,
+        run_name: str | None,
+        config: dict[str, Any],
+        progress_bar: bool = True,
+    ) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        self._wandb = None
+        if wandb_mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self._wandb = wandb.init(
+                project=project, name=run_name, mode=wandb_mode, dir=run_dir, config=config
+            )
+        self._bar = None
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="toolrl", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._bar is not None:
+            shown = {short: f"{metrics[k]:.3g}" for k, short in _BAR_KEYS.items() if k in metrics}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()

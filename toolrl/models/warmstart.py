@@ -1,0 +1,391 @@
+"""Supervised warm-start of the embedded model on synthetic arithmetic traces.
+
+A short next-token pass (loss on assistant tokens only) teaches the tiny model the tool-call
+format and, above all, copying: the operands from the prompt into the call and the tool's
+result into the answer. The traces deliberately mix good and bad *decisions* so that RL has
+an easy way up, while every trace copies exactly:
+
+    correct   (p_correct)   <tool_call> 47 * 83 </tool_call> -> 3901 -> "The answer is 3901."
+    wrong op  (p_wrong_op)  <tool_call> 47 + 83 </tool_call> -> 130  -> "The answer is 130."
+    no call   (the rest)    "The answer is 5712."  (a random wrong guess)
+
+The decision (call or not, which operator) is one or two tokens, which RL moves quickly.
+Traces use only train operand pairs of `toolrl.data.arithmetic` (eval pairs are held out).
+
+`measure_modes` samples a model at temperature 1 on eval prompts with a minimal loop (plain
+transformers, no vLLM) and reports the behaviour mix; `bench/warmstart_modes.py` prints it.
+
+    python -m toolrl.models.tiny            # builds and warm-starts the default model
+    python bench/warmstart_modes.py         # behaviour mix of the built model
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from toolrl.data.arithmetic import ArithmeticConfig, ArithmeticTask, last_integer
+
+log = logging.getLogger(__name__)
+
+ANSWER = "The answer is {}."
+
+
+@dataclass
+class WarmStartConfig:
+    """The supervised pass: trace mix, optimiser and length."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    # Loss weight of targets that are number tokens (the copies), relative to other tokens.
+    number_loss_weight: float = 1.0
+    p_correct: float = 0.3
+    p_wrong_op: float = 0.25  # the rest answers with no call
+    wrong_op: str = "+"
+    seed: int = 0
+    # Operand range and eval share: must match the task's, so that eval pairs stay unseen.
+    min_operand: int = 10
+    max_operand: int = 99
+    eval_fraction: float = 0.1
+    log_every: int = 50
+
+
+def _task(cfg: WarmStartConfig) -> ArithmeticTask:
+    return ArithmeticTask(
+        ArithmeticConfig(
+            seed=cfg.seed,
+            num_train=1,
+            num_eval=1,
+            min_operand=cfg.min_operand,
+            max_operand=cfg.max_operand,
+            eval_fraction=cfg.eval_fraction,
+        )
+    )
+
+
+def _call(expression: str) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {"name": "calculator", "arguments": {"expression": expression}},
+    }
+
+
+def make_trace(
+    task: ArithmeticTask, cfg: WarmStartConfig, rng: random.Random
+) -> list[dict[str, Any]]:
+    """One synthetic conversation on a train pair: user, then assistant/tool turns."""
+    prompt = task.sample_prompts("train", 1, rng)[0]
+    a, b = (int(x) for x in re.findall(r"\d+", prompt.messages[0]["content"]))
+    msgs = list(prompt.messages)
+    u = rng.random()
+    if u < cfg.p_correct + cfg.p_wrong_op:
+        op = "*" if u < cfg.p_correct else cfg.wrong_op
+        result = {"*": a * b, "+": a + b, "-": a - b}[op]
+        msgs.append({"role": "assistant", "content": "", "tool_calls": [_call(f"{a} {op} {b}")]})
+        msgs.append({"role": "tool", "name": "calculator", "content": str(result)})
+        msgs.append({"role": "assistant", "content": ANSWER.format(result)})
+    else:
+        guess = a * b
+        while guess == a * b:
+            guess = rng.randint(100, 9999)
+        msgs.append({"role": "assistant", "content": ANSWER.format(guess)})
+    return msgs
+
+
+def corpus_texts(tokenizer: Any, cfg: WarmStartConfig, n: int) -> list[str]:
+    """Rendered synthetic conversations: the corpus the tokenizer's text merges are learned on."""
+    task, rng = _task(cfg), random.Random(f"corpus:{cfg.seed}")
+    return [
+        tokenizer.apply_chat_template(
+            make_trace(task, cfg, rng), tools=task.tools_schemas, tokenize=False
+        )
+        for _ in range(n)
+    ]
+
+
+def encode_trace(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a rendered conversation; mask is 1 on assistant-sampled ids.
+
+    An assistant turn's sampled ids run from after `<|im_start|>assistant\\n` through its
+    `<|im_end|>`; the "\\n" after it is template glue (mask 0), as in a rollout.
+    """
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    end_id = tokenizer.eos_token_id
+    mask = [0] * len(ids)
+    i, h = 0, len(header)
+    while i < len(ids):
+        if ids[i : i + h] == header:
+            i += h
+            while i < len(ids):
+                mask[i] = 1
+                i += 1
+                if ids[i - 1] == end_id:
+                    break
+        else:
+            i += 1
+    return ids, mask
+
+
+def _batch(
+    tokenizer: Any, task: ArithmeticTask, cfg: WarmStartConfig, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A right-padded batch: ids [B, T] and mask [B, T] (1 where the id is a training target)."""
+    rows = [
+        encode_trace(tokenizer, make_trace(task, cfg, rng), task.tools_schemas)
+        for _ in range(cfg.batch_size)
+    ]
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, (x, m) in enumerate(rows):
+        ids[r, : len(x)] = torch.tensor(x)
+        mask[r, : len(m)] = torch.tensor(m)
+    return ids, mask
+
+
+def _lr_at(step: int, cfg: WarmStartConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _number_ids(tokenizer: Any) -> torch.Tensor:
+    """Bool [V]: which ids are number tokens."""
+    flags = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for tok, i in tokenizer.get_vocab().items():
+        flags[i] = tok.isdigit()
+    return flags
+
+
+class DigitEmbedding(torch.nn.Module):
+    """Number-token embeddings tied to their digits during the warm-start.
+
+    The embedding of an integer token is the sum of one learned vector per (place, digit),
+    places counted from the units, with an "absent" digit for short numbers:
+    e(47) = D[units][7] + D[tens][4] + D[hundreds][-] + D[thousands][-]. Every number then
+    learns from every copy of any number, so copying generalises to numbers the warm-start
+    never showed (most products are rare); tied embeddings make the output side factorise
+    over digits the same way. After training the sums are written into the plain embedding
+    matrix: the saved model is an ordinary Qwen2.
+    """
+
+    PLACES, SYMBOLS = 4, 11  # units..thousands; digits 0-9 and "absent"
+
+    def __init__(self, tokenizer: Any, hidden: int, std: float) -> None:
+        super().__init__()
+        ids, rows = [], []
+        for tok, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+            if tok.isascii() and tok.isdigit() and (tok == "0" or tok[0] != "0") and len(tok) <= 4:
+                digits = [int(c) for c in reversed(tok)] + [10] * (self.PLACES - len(tok))
+                ids.append(i)
+                rows.append([p * self.SYMBOLS + d for p, d in enumerate(digits)])
+        self.register_buffer("ids", torch.tensor(ids))  # [N]
+        self.register_buffer("rows", torch.tensor(rows))  # [N, 4]
+        self.table = torch.nn.Parameter(torch.randn(self.PLACES * self.SYMBOLS, hidden) * std)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [V, H] -> the same with number rows replaced by their digit sums."""
+        return weight.index_copy(0, self.ids, self.table[self.rows].sum(1))  # [V, H]
+
+
+def loss_on_batch(
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    digits: DigitEmbedding | None = None,
+) -> torch.Tensor:
+    """Mean next-token loss over targets where mask is 1. ids, mask: [B, T]; weights: [V] or None.
+
+    The vocabulary is large (every number is a token), so the LM head runs only on the
+    positions that predict a masked-in target. Embeddings are tied: one matrix in and out.
+    """
+    emb = model.model.embed_tokens.weight  # [V, H]
+    if digits is not None:
+        emb = digits(emb)
+    hidden = model.model(inputs_embeds=F.embedding(ids, emb)).last_hidden_state  # [B, T, H]
+    sel = mask[:, 1:].bool()  # [B, T-1]: position t predicts ids[t+1]
+    logits = hidden[:, :-1][sel] @ emb.T  # [N, V]
+    targets = ids[:, 1:][sel]  # [N]
+    nll = F.cross_entropy(logits, targets, reduction="none")  # [N]
+    if weights is None:
+        return nll.mean()
+    w = weights[targets]  # [N]
+    return (nll * w).sum() / w.sum()
+
+
+def warm_start(model: Any, tokenizer: Any, cfg: WarmStartConfig) -> dict[str, float]:
+    """Train `model` in place on synthetic traces; return timing and the last losses."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(f"warmstart:{cfg.seed}")
+    task = _task(cfg)
+    weights = None
+    if cfg.number_loss_weight != 1.0:
+        weights = 1.0 + (cfg.number_loss_weight - 1.0) * _number_ids(tokenizer).float()  # [V]
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
+    )
+    model.train()
+    t0, recent = time.perf_counter(), []
+    for step in range(cfg.steps):
+        ids, mask = _batch(tokenizer, task, cfg, rng)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        loss = loss_on_batch(model, ids, mask, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        recent = (recent + [loss.item()])[-20:]
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            log.info(
+                "warm-start step %d/%d loss %.3f", step + 1, cfg.steps, sum(recent) / len(recent)
+            )
+    model.eval()
+    return {"seconds": time.perf_counter() - t0, "final_loss": sum(recent) / max(1, len(recent))}
+
+
+# ---------------------------------------------------------------------------- measurement
+
+_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_EXPR = re.compile(r"^\s*(-?\d+)\s*([-+*/])\s*(-?\d+)\s*$")
+
+
+def _parse_call(text: str) -> tuple[str, str] | None:
+    """(name, expression) of the first tool call in `text`, or None if it is malformed."""
+    m = _CALL.search(text)
+    try:
+        call = json.loads(m.group(1)) if m else None
+        return str(call["name"]), str(call["arguments"]["expression"])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+@torch.no_grad()
+def _sample_ids(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int
+) -> list[list[int]]:
+    """Temperature-1 samples (no top-k/top-p) of one assistant turn per prompt: the new ids,
+    through the end-of-turn id when sampled."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])  # [B, T], left-padded
+    starts = torch.tensor([T - len(p) for p in prompts])  # [B]
+    attn = (torch.arange(T)[None, :] >= starts[:, None]).long()  # [B, T]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    rows = []
+    for row in out[:, T:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def _tool_glue(tokenizer: Any, tools: list[dict[str, Any]], content: str) -> str:
+    """Text the template puts after an assistant's `<|im_end|>` for one tool answer, through
+    the next assistant header (append-only, as the rollout's token builder does)."""
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    short = tokenizer.apply_chat_template(probe, tools=tools, tokenize=False)
+    full = tokenizer.apply_chat_template(
+        probe + [{"role": "tool", "name": "calculator", "content": content}],
+        tools=tools,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert full.startswith(short), "chat template is not append-only"
+    end = tokenizer.eos_token
+    return short[short.rfind(end) + len(end) :] + full[len(short) :]
+
+
+def _classify(text: str, a: int, b: int) -> tuple[str, str | None, bool | None]:
+    """(mode, expression to run or None, operands copied right or None) of a first turn."""
+    if "<tool_call>" not in text:
+        return "no_call", None, None
+    call = _parse_call(text)
+    m = _EXPR.match(call[1]) if call and call[0] == "calculator" else None
+    if m is None:
+        return "malformed", call[1] if call else None, None
+    ok = (int(m.group(1)), int(m.group(3))) == (a, b)
+    if m.group(2) != "*":
+        return "wrong_operator", call[1], ok
+    return ("correct_call" if ok else "wrong_operands"), call[1], ok
+
+
+def measure_modes(
+    model: Any, tokenizer: Any, task: ArithmeticTask | None = None, n: int = 200, seed: int = 0
+) -> dict[str, float]:
+    """Sample one episode per eval prompt at temperature 1 (call, calculator, answer) and
+    report the behaviour mix, the copy accuracies and the mean reward."""
+    from toolrl.tools.calculator import Calculator
+
+    task = task or ArithmeticTask()
+    prompts = task.prompts("eval")[:n]
+    tools, calc = task.tools_schemas, Calculator()
+    torch.manual_seed(seed)
+    model.eval()
+    ids0 = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(
+                p.messages, tools=tools, tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )
+        for p in prompts
+    ]
+    turn1 = _sample_ids(model, tokenizer, ids0, max_new=48)
+    modes, finals, ops_ok, res_ok, second = [], [], [], [], []
+    for i, (p, new) in enumerate(zip(prompts, turn1, strict=True)):
+        a, b = (int(x) for x in re.findall(r"\d+", p.messages[0]["content"]))
+        text = tokenizer.decode(new, skip_special_tokens=False)
+        mode, expr, ok = _classify(text, a, b)
+        modes.append(mode)
+        finals.append(tokenizer.decode(new, skip_special_tokens=True))
+        if ok is not None:
+            ops_ok.append(ok)
+        if expr is not None:
+            result, _ = asyncio.run(calc.call("measure", {"expression": expr}))
+            glue = tokenizer.encode(_tool_glue(tokenizer, tools, result), add_special_tokens=False)
+            second.append((i, result, ids0[i] + new + glue))
+    if second:
+        turn2 = _sample_ids(model, tokenizer, [s[2] for s in second], max_new=24)
+        for (i, result, _), new in zip(second, turn2, strict=True):
+            finals[i] = tokenizer.decode(new, skip_special_tokens=True)
+            if re.fullmatch(r"-?\d+", result):
+                res_ok.append(last_integer(finals[i]) == int(result))
+    rewards = [task.reward(f, p.answer) for f, p in zip(finals, prompts, strict=True)]
+    stats = {
+        f"frac_{k}": modes.count(k) / len(modes)
+        for k in ("correct_call", "wrong_operator", "wrong_operands", "malformed", "no_call")
+    }
+    stats["operand_copy_acc"] = sum(ops_ok) / max(1, len(ops_ok))
+    stats["result_copy_acc"] = sum(res_ok) / max(1, len(res_ok))
+    stats["mean_reward"] = sum(rewards) / len(rewards)
+    stats["n"] = float(len(prompts))
+    return stats

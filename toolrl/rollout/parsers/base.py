@@ -1,0 +1,32 @@
+"""The parser contract: turn one assistant turn's text into content, tool calls and errors.
+
+The agent loop decodes the ids an engine sampled in a turn and hands the text to a parser.
+A parser is any callable `(text: str) -> ParsedTurn`, so a user can name their own in YAML
+with `_target_`. Each call is parsed on its own: one malformed call yields one error
+message (which the model reads back), never the loss of the well-formed calls beside it.
+
+See `toolrl/rollout/parsers/hermes.py` for the Qwen2.5/Hermes format and run
+`python -m pytest tests/unit/test_parser_hermes.py` to exercise it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from toolrl.rollout.trajectory import ToolCall
+
+
+@dataclass
+class ParsedTurn:
+    """What one assistant turn said and asked for."""
+
+    content: str  # the text outside tool-call blocks, stripped
+    calls: list[ToolCall] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one per malformed call, for the model
+
+
+class Parser(Protocol):
+    """Anything that parses a turn's text. It must never raise on any string."""
+
+    def __call__(self, text: str) -> ParsedTurn: ...

@@ -1,0 +1,92 @@
+"""The rollout group: Ray actors that each own a vLLM engine and run the agent loop over it.
+
+`RolloutWorker` is a plain class (tests drive it without Ray); the Ray actor is that same
+class wrapped by `ray.remote`. Its sampler, tools, parser and task (for the reward) come
+from `_target_` entries in `conf/`, so a new tool or parser needs no code edit here.
+`RolloutGroup` is the driver's handle: it spreads episodes over the workers and pushes
+new weights into every engine after an update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import ray
+
+from toolrl.config import Target, instantiate
+from toolrl.rollout.agent_loop import AgentLoop, Episode, LoopConfig
+from toolrl.rollout.chat import ChatBuilder
+from toolrl.rollout.engine import EngineConfig, VLLMEngine
+from toolrl.rollout.trajectory import Trajectory
+
+
+@dataclass
+class RolloutSpec:
+    """Everything one rollout worker needs, already validated by `main`."""
+
+    model_path: str
+    engine: EngineConfig
+    loop: LoopConfig
+    sampler: Target
+    eval_sampler: Target
+    parser: Target
+    tools: dict[str, Target]
+    task: Target
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RolloutWorker:
+    def __init__(self, spec: RolloutSpec) -> None:
+        from transformers import AutoTokenizer
+
+        self.engine = VLLMEngine(replace(spec.engine, model_path=spec.model_path))
+        tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+        tools = [instantiate(t) for t in spec.tools.values()]
+        chat = ChatBuilder(tokenizer, [t.schema() for t in tools])
+        task = instantiate(spec.task)
+        parser = instantiate(spec.parser)
+        self.loop = AgentLoop(
+            self.engine, chat, parser, {t.name: t for t in tools}, task.reward, spec.loop
+        )
+        self.sampler = instantiate(spec.sampler)
+        self.eval_sampler = instantiate(spec.eval_sampler)
+
+    async def rollout(self, episodes: list[Episode], evaluate: bool = False) -> list[Trajectory]:
+        sampler = self.eval_sampler if evaluate else self.sampler
+        return await self.loop.run_many(episodes, sampler)
+
+    async def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
+        # The trainer calls this only between rollouts, so no turn is in flight.
+        await self.engine.load_weights(safetensors_bytes, version)
+        self.loop.weight_version = version
+
+    def ready(self) -> bool:
+        return True
+
+
+class RolloutGroup:
+    """Driver-side handle over `num_workers` rollout actors."""
+
+    def __init__(self, spec: RolloutSpec, num_workers: int, num_cpus_per_worker: float) -> None:
+        actor = ray.remote(num_cpus=num_cpus_per_worker)(RolloutWorker)
+        self.workers = [actor.remote(spec) for _ in range(num_workers)]
+        ray.get([w.ready.remote() for w in self.workers])
+
+    def rollout(self, episodes: list[Episode], evaluate: bool = False) -> list[Trajectory]:
+        # Contiguous chunks keep a prompt's samples on one engine, where its prefix is cached.
+        k = len(self.workers)
+        size = -(-len(episodes) // k)
+        chunks = [episodes[i * size : (i + 1) * size] for i in range(k)]
+        futures = [
+            w.rollout.remote(c, evaluate) for w, c in zip(self.workers, chunks, strict=True) if c
+        ]
+        return [t for part in ray.get(futures) for t in part]
+
+    def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
+        ref = ray.put(safetensors_bytes)  # one copy in the object store, read by every worker
+        ray.get([w.load_weights.remote(ref, version) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
