@@ -51,7 +51,7 @@ def run(cfg: Config) -> dict[str, float]:
     # Workers keep warnings and errors but not vLLM's and transformers' start-up chatter,
     # so the console shows the progress bar.
     quiet = {
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
         "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
         "TQDM_DISABLE": "1",
     }

@@ -83,7 +83,7 @@ class ArithmeticTask:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.cfg.eval_fraction}")
         if self.cfg.min_operand > self.cfg.max_operand:
             raise ValueError("min_operand must be <= max_operand")
-        self._pairs = {"train": self.pairs("train"), "eval": self.pairs("eval")}
+        self._pairs = {split: self._split_pairs(split) for split in ("train", "eval")}
         if not self._pairs["train"] or not self._pairs["eval"]:
             raise ValueError("the operand range is too small to hold out eval pairs")
         self._prompts: dict[str, list[Prompt]] = {}
@@ -93,18 +93,21 @@ class ArithmeticTask:
         """The OpenAI function schemas the chat template renders: the calculator only."""
         return [CALCULATOR_SCHEMA]
 
-    def pairs(self, split: str) -> list[tuple[int, int]]:
+    def pairs(self, split: str) -> tuple[tuple[int, int], ...]:
         """All unordered operand pairs (lo, hi) of a split, in ascending order."""
-        if split not in ("train", "eval"):
+        if split not in self._pairs:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        return self._pairs[split]
+
+    def _split_pairs(self, split: str) -> tuple[tuple[int, int], ...]:
         c = self.cfg
         want_eval = split == "eval"
-        return [
+        return tuple(
             (a, b)
             for a in range(c.min_operand, c.max_operand + 1)
             for b in range(a, c.max_operand + 1)
             if is_eval_pair(a, b, c.eval_fraction) == want_eval
-        ]
+        )
 
     def make_prompt(self, a: int, b: int, phrasing: int = 0) -> Prompt:
         text = self.cfg.phrasings[phrasing % len(self.cfg.phrasings)].format(a=a, b=b)
@@ -113,7 +116,7 @@ class ArithmeticTask:
     def sample_prompts(self, split: str, n: int, rng: random.Random) -> list[Prompt]:
         """`n` prompts from a split's pairs: each pass over the pairs is shuffled, order and
         phrasing are random, so pairs repeat only once all have been used."""
-        pool = self._pairs[split]
+        pool = self.pairs(split)
         out: list[Prompt] = []
         while len(out) < n:
             order = list(pool)
@@ -125,6 +128,7 @@ class ArithmeticTask:
 
     def prompts(self, split: str) -> list[Prompt]:
         """The fixed prompts of a split ("train" or "eval"); the same for the same config."""
+        self.pairs(split)  # validates the name
         if split not in self._prompts:
             n = self.cfg.num_train if split == "train" else self.cfg.num_eval
             rng = random.Random(f"{self.cfg.seed}:{split}")

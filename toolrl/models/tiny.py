@@ -1,11 +1,11 @@
 """The embedded default model: a byte-level BPE tokenizer, a Qwen2.5-style chat template and a
-tiny Qwen2 model, all built locally (no downloads) and cached.
+tiny Qwen3-architecture model, all built locally (no downloads) and cached.
 
 Every integer 0..9999 is one token: the pre-tokenizer isolates digit runs in chunks of at
 most 4 digits, and explicit merges join each chunk into a single number token. With tied
 embeddings, copying a number (operands into a tool call, the tool's result into the answer)
-is then one attention lookup, which a 2-layer model learns quickly. A few hundred text
-merges learned on rendered synthetic conversations keep the prompt short.
+is then one attention lookup, which a 2-layer model learns quickly. Text merges learned on
+rendered synthetic conversations keep the prompt short (about 80 tokens with the tools).
 
 `build_embedded_model()` returns a Hugging Face folder that `AutoTokenizer`,
 `AutoModelForCausalLM` and vLLM load; by default the weights are warm-started
@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from toolrl.models.warmstart import WarmStartConfig
 log = logging.getLogger(__name__)
 
 # Bump when a change to this module or warmstart.py changes what gets built.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
@@ -88,12 +89,16 @@ class EmbeddedModelConfig:
 
     hidden_size: int = 128
     num_layers: int = 2
-    num_heads: int = 4  # head_dim = hidden_size / num_heads must be one vLLM CPU supports (32+)
+    # "qwen3" (QK-norm: learned the copies fastest) or "llama"; model_config says why not qwen2.
+    architecture: str = "qwen3"
+    # head_dim = hidden_size / num_heads must be one vLLM CPU supports (32, 64, 80, ...).
+    # Two 64-wide heads learned the copies faster than four 32-wide ones.
+    num_heads: int = 2
     num_kv_heads: int = 2
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
-    text_merges: int = 300  # BPE merges learned on the synthetic corpus, besides the numbers
+    text_merges: int = 300  # at most this many BPE merges learned on the synthetic corpus
     corpus_conversations: int = 300
     seed: int = 0
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -172,12 +177,12 @@ def learn_text_merges(corpus: list[str], n_merges: int) -> list[tuple[str, str]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = _pre_tokenizer(drop_digits=True)
     trainer = trainers.BpeTrainer(
-        vocab_size=len(alphabet) + n_merges,
-        initial_alphabet=alphabet,
-        special_tokens=list(SPECIAL_TOKENS + TOOL_TOKENS),  # never split or merged into text
-        show_progress=False,
+        vocab_size=len(alphabet) + n_merges, initial_alphabet=alphabet, show_progress=False
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
+    # Control tokens are single ids that encoding cuts out first: train on the text between.
+    control = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + TOOL_TOKENS))
+    pieces = [p for text in corpus for p in control.split(text) if p]
+    tok.train_from_iterator(pieces, trainer=trainer)
     merges = json.loads(tok.to_str())["model"]["merges"]
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]
 
@@ -208,22 +213,35 @@ def bootstrap_tokenizer() -> Any:
 # ---------------------------------------------------------------------------- model
 
 
-def qwen2_config(cfg: EmbeddedModelConfig, tokenizer: Any) -> Any:
-    from transformers import Qwen2Config
+ARCHITECTURES = ("llama", "qwen3")
 
+
+def model_config(cfg: EmbeddedModelConfig, tokenizer: Any) -> Any:
+    """The transformers config of the embedded model (Qwen3 or Llama architecture).
+
+    Not Qwen2: transformers 5 loads the tokenizer of any `model_type: qwen2` folder as
+    `Qwen2Tokenizer`, which rebuilds the pre-tokenizer with Qwen's one-digit regex and would
+    split our number tokens back into digits (vLLM loads tokenizers the same way).
+    """
+    from transformers import LlamaConfig, Qwen3Config
+
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {cfg.architecture!r}")
     if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
         raise ValueError("hidden_size must divide into num_heads, num_heads into num_kv_heads")
-    return Qwen2Config(
+    cls = LlamaConfig if cfg.architecture == "llama" else Qwen3Config
+    return cls(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=False,  # vLLM's Qwen3 has no o_proj bias, HF's would
         tie_word_embeddings=True,
-        use_sliding_window=False,
         dtype="float32",
         bos_token_id=tokenizer.convert_tokens_to_ids(PAD),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
@@ -253,16 +271,16 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _build_into(out: Path, cfg: EmbeddedModelConfig, warm_start: bool) -> dict[str, Any]:
     import torch
-    from transformers import GenerationConfig, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from toolrl.models import warmstart as ws
 
     t0 = time.perf_counter()
     corpus = ws.corpus_texts(bootstrap_tokenizer(), cfg.warmstart, cfg.corpus_conversations)
     tokenizer = build_tokenizer(corpus, cfg.text_merges)
-    config = qwen2_config(cfg, tokenizer)
+    config = model_config(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
-    model = Qwen2ForCausalLM(config).float()
+    model = AutoModelForCausalLM.from_config(config).float()
     info: dict[str, Any] = {"tokenizer_s": time.perf_counter() - t0, "vocab_size": len(tokenizer)}
     if warm_start:
         info["warmstart"] = ws.warm_start(model, tokenizer, cfg.warmstart)
@@ -304,6 +322,7 @@ def build_embedded_model(
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=models))
         try:
             info = _build_into(tmp, cfg, warm_start)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -323,10 +342,13 @@ def _check_vllm(path: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(path)
     task = ArithmeticTask()
-    ids = tok.apply_chat_template(
-        task.prompts("eval")[0].messages, tools=task.tools_schemas, add_generation_prompt=True
+    text = tok.apply_chat_template(
+        task.prompts("eval")[0].messages,
+        tools=task.tools_schemas,
+        add_generation_prompt=True,
+        tokenize=False,
     )
-    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    ids = tok.encode(text, add_special_tokens=False)
     llm = LLM(model=str(path), dtype="float32", max_model_len=1024, enforce_eager=True)
     params = SamplingParams(temperature=1.0, max_tokens=40, stop_token_ids=[tok.eos_token_id])
     out = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 4, params)

