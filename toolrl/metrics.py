@@ -4,13 +4,14 @@ Every step's metrics go to `metrics.jsonl` in the run directory (one JSON object
 always), to wandb (offline by default, so no account is needed; `wandb sync` uploads a
 run later) and to a progress bar on the console.
 
-    python -c "import json; [print(json.loads(l)['eval/reward']) for l in open('RUN/metrics.jsonl')]"
+    python -m toolrl.metrics runs/<date>/<time>     # print a run's curve as a table
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -96,3 +97,23 @@ class MetricsLogger:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+_TABLE = ("eval/reward", "eval/tool_calls", "train/reward", "train/tool_calls", "time/step_s")
+
+
+def curve(run_dir: str) -> str:
+    """A Markdown table of a run's metrics.jsonl: one row per step that has any column."""
+    rows: dict[int, dict[str, float]] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows.setdefault(int(r["step"]), {}).update(r)
+    out = ["| step | " + " | ".join(_TABLE) + " |", "|---" * (len(_TABLE) + 1) + "|"]
+    for step, r in sorted(rows.items()):
+        cells = [f"{r[k]:.3f}" if k in r else "" for k in _TABLE]
+        out.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(curve(sys.argv[1]))

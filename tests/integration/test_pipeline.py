@@ -121,6 +121,9 @@ def test_token_exact_multi_turn_and_logprobs_match_before_and_after_a_push(setup
     check_token_exact(worker, recorder, trajs2)
     max_diff2, _ = drift(group, batch_of(trajs2))
     assert max_diff2 < TOL, f"after the weight push, logprobs differ by {max_diff2}"
+    print(
+        f"\nmax |engine - trainer| logprob: {max_diff:.1e} before the push, {max_diff2:.1e} after"
+    )
 
 
 def check_token_exact(worker, recorder, trajs):

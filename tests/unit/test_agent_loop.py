@@ -22,6 +22,11 @@ def call(expr: str, name: str = "calculator") -> str:
     return CALL.format(name=name, args=json.dumps({"expression": expr}))
 
 
+def replies(*texts: str):
+    """A script answering turn k with texts[k] (the last text repeats)."""
+    return lambda turn, ctx: texts[min(turn, len(texts) - 1)]
+
+
 class ScriptedEngine:
     """Replies with the next scripted text for each turn; logprob -0.5 per sampled id."""
 
@@ -82,7 +87,10 @@ def make_loop(tok, script, tools=None, **cfg):
     tools = tools or {"calculator": Calculator()}
     chat = ChatBuilder(tok, [t.schema() for t in tools.values()])
     engine = ScriptedEngine(tok, script)
-    reward = lambda text, answer: float(answer in text)  # noqa: E731
+
+    def reward(text, answer):
+        return float(answer in text)
+
     loop = AgentLoop(engine, chat, HermesParser(), tools, reward, LoopConfig(**cfg))
     return loop, engine, chat
 
@@ -95,7 +103,7 @@ def run(loop, ep=EP):
 
 
 def test_tool_call_then_answer_is_token_exact(tok):
-    script = lambda turn, ctx: [call("6 * 7") + "<|im_end|>", "The answer is 42.<|im_end|>"][turn]  # noqa: E731
+    script = replies(call("6 * 7") + "<|im_end|>", "The answer is 42.<|im_end|>")
     loop, engine, chat = make_loop(tok, script)
     t = run(loop)
     assert t.reward == 1.0 and len(t.turns) == 2 and t.info["final_text"] == "The answer is 42."
@@ -115,7 +123,7 @@ def test_tool_call_then_answer_is_token_exact(tok):
 
 def test_malformed_call_becomes_an_error_the_model_reads(tok):
     bad = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6 * 7"}\n</tool_call>'
-    script = lambda turn, ctx: [bad + "<|im_end|>", "42<|im_end|>"][turn]  # noqa: E731
+    script = replies(bad + "<|im_end|>", "42<|im_end|>")
     loop, engine, _ = make_loop(tok, script)
     t = run(loop)
     assert t.turns[0].parse_errors and t.num_tool_errors == 1
@@ -123,10 +131,9 @@ def test_malformed_call_becomes_an_error_the_model_reads(tok):
 
 
 def test_unknown_tool_and_crashing_tool_answer_with_text(tok):
-    script = lambda turn, ctx: [
-        call("1", name="nope") + call("2", name="rec") + "<|im_end|>",
-        "done<|im_end|>",
-    ][turn]  # noqa: E731
+    script = replies(
+        call("1", name="nope") + call("2", name="rec") + "<|im_end|>", "done<|im_end|>"
+    )
     loop, engine, _ = make_loop(tok, script, tools={"rec": Recorder("boom")})
     t = run(loop)
     texts = [r.content for r in t.turns[0].results]
@@ -135,7 +142,7 @@ def test_unknown_tool_and_crashing_tool_answer_with_text(tok):
 
 
 def test_tool_timeout_is_enforced_by_the_loop(tok):
-    script = lambda turn, ctx: [call("x", name="rec") + "<|im_end|>", "ok<|im_end|>"][turn]  # noqa: E731
+    script = replies(call("x", name="rec") + "<|im_end|>", "ok<|im_end|>")
     loop, _, _ = make_loop(tok, script, tools={"rec": Recorder("hang")}, tool_timeout_s=0.05)
     t = run(loop)
     assert "timed out" in t.turns[0].results[0].content and not t.turns[0].results[0].ok
@@ -143,7 +150,7 @@ def test_tool_timeout_is_enforced_by_the_loop(tok):
 
 def test_infra_fault_marks_trajectory_and_closes_tools(tok):
     rec = Recorder("infra")
-    script = lambda turn, ctx: call("x", name="rec") + "<|im_end|>"  # noqa: E731
+    script = replies(call("x", name="rec") + "<|im_end|>")
     loop, _, _ = make_loop(tok, script, tools={"rec": rec})
     t = run(loop)
     assert t.infra_error and "sandbox died" in t.infra_error
@@ -151,11 +158,11 @@ def test_infra_fault_marks_trajectory_and_closes_tools(tok):
 
 
 def test_out_of_turns_or_tokens_gives_no_answer(tok):
-    script = lambda turn, ctx: call("1 + 1") + "<|im_end|>"  # noqa: E731
+    script = replies(call("1 + 1") + "<|im_end|>")
     loop, _, _ = make_loop(tok, script, max_turns=2)
     t = run(loop)
     assert len(t.turns) == 2 and t.info["final_text"] is None and t.reward == 0.0
-    loop, _, _ = make_loop(tok, lambda turn, ctx: "42 " * 200, max_total_tokens=120)
+    loop, _, _ = make_loop(tok, replies("42 " * 200), max_total_tokens=120)
     t = run(loop)
     assert t.turns[-1].finish_reason == "length" and len(t.token_ids) == 120 and t.reward == 0.0
 

@@ -9,7 +9,6 @@ on 2 cores.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -316,10 +315,9 @@ def test_warm_start_learns_to_copy_numbers(tmp_path: Path) -> None:
     assert acc.min() >= 0.9, acc.tolist()
 
 
-@pytest.mark.skipif(os.environ.get("TOOLRL_SLOW") != "1", reason="set TOOLRL_SLOW=1 (about 1 min)")
-def test_default_model_behaviour_mix(tmp_path: Path) -> None:
+def test_default_model_behaviour_mix(embedded_model: str) -> None:
     """The shipped default: step-0 reward in RL's sweet spot, copies nearly perfect."""
-    path = build_embedded_model(cache_dir=tmp_path)
+    path = embedded_model  # the cached default build, shared with the integration tests
     model = AutoModelForCausalLM.from_pretrained(path)
     stats = ws.measure_modes(model, AutoTokenizer.from_pretrained(path), n=200, seed=0)
     assert 0.15 <= stats["mean_reward"] <= 0.4, stats
