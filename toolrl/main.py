@@ -11,18 +11,18 @@ wandb files, the final Hugging Face checkpoint) go to Hydra's run folder, `runs/
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import os
 import sys
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from toolrl.config import Config, ConfigError, instantiate, register, to_config, validate
 
-log = logging.getLogger("toolrl")
 register()
 
 
@@ -35,7 +35,7 @@ def resolve_model(path: str) -> str:
     return str(build_embedded_model())
 
 
-def run(cfg: Config) -> dict[str, float]:
+def run(cfg: Config) -> dict[str, Any]:
     """Everything after validation: model, Ray, worker groups, the loop. Returns final metrics."""
     import ray
     from transformers import AutoTokenizer
@@ -80,7 +80,7 @@ def run(cfg: Config) -> dict[str, float]:
             cfg.logger.wandb_mode,
             cfg.logger.project,
             cfg.logger.run_name,
-            config=OmegaConf.to_container(OmegaConf.structured(cfg)),  # type: ignore[arg-type]
+            config=dataclasses.asdict(cfg),
             progress_bar=cfg.logger.progress_bar,
         )
         trainer = Trainer(

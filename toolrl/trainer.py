@@ -50,9 +50,10 @@ class Trainer:
         self._order = list(range(len(self.train_prompts)))
         random.Random(cfg.trainer.seed).shuffle(self._order)
 
-    def fit(self) -> dict[str, float]:
+    def fit(self) -> dict[str, Any]:
+        """Train for trainer.total_steps; returns the last metrics, the final eval and the checkpoint."""
         t = self.cfg.trainer
-        last: dict[str, float] = {}
+        last: dict[str, Any] = {}
         for step in range(t.total_steps):
             metrics: dict[str, float] = {}
             if t.eval_every and step % t.eval_every == 0 or step == 0:
@@ -67,7 +68,7 @@ class Trainer:
         if t.save_checkpoint:
             out = Path(self.cfg.run_dir) / "checkpoint"
             self.train.save_hf(str(out), tokenizer_src=self.model_path)
-            last["checkpoint"] = str(out)  # type: ignore[assignment]
+            last["checkpoint"] = str(out)
         return last
 
     def _train_episodes(self, step: int) -> list[Episode]:

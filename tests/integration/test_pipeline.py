@@ -44,7 +44,9 @@ class RecordingEngine:
 
 @pytest.fixture(scope="module")
 def setup(embedded_model):
-    loop = asyncio.new_event_loop()  # one loop for the engine's whole life
+    runner = (
+        asyncio.Runner()
+    )  # one event loop for the engine's whole life; close() cancels its tasks
     spec = RolloutSpec(
         model_path=embedded_model,
         engine=EngineConfig(),
@@ -59,7 +61,7 @@ def setup(embedded_model):
     async def make():
         return RolloutWorker(spec)
 
-    worker = loop.run_until_complete(make())
+    worker = runner.run(make())
     recorder = RecordingEngine(worker.engine)
     worker.loop.engine = recorder
     ray.init(num_cpus=2, include_dashboard=False)
@@ -69,14 +71,14 @@ def setup(embedded_model):
         OptimConfig(lr=1e-3),
         LossConfig(kl_coef=0.0),
     )
-    yield loop, worker, recorder, group
+    yield runner, worker, recorder, group
     group.shutdown()
     ray.shutdown()
     worker.engine.shutdown()
-    loop.close()
+    runner.close()
 
 
-def rollout(loop, worker, seed_base):
+def rollout(runner, worker, seed_base):
     task = ArithmeticTask()
     prompts = task.prompts("train")[:16]
     eps = [
@@ -84,7 +86,7 @@ def rollout(loop, worker, seed_base):
         for i, p in enumerate(prompts)
         for k in range(4)
     ]
-    return loop.run_until_complete(worker.rollout(eps))
+    return runner.run(worker.rollout(eps))
 
 
 def batch_of(trajs):
@@ -100,8 +102,8 @@ def drift(group, batch):
 
 
 def test_token_exact_multi_turn_and_logprobs_match_before_and_after_a_push(setup):
-    loop, worker, recorder, group = setup
-    trajs = rollout(loop, worker, seed_base=0)
+    runner, worker, recorder, group = setup
+    trajs = rollout(runner, worker, seed_base=0)
     multi = [t for t in trajs if len(t.turns) >= 2]
     assert len(multi) >= 8, "the warm-started model should call the calculator often"
     check_token_exact(worker, recorder, trajs)
@@ -111,12 +113,12 @@ def test_token_exact_multi_turn_and_logprobs_match_before_and_after_a_push(setup
     assert max_diff < TOL, f"rollout vs trainer logprobs differ by {max_diff}"
 
     group.update(batch)
-    loop.run_until_complete(worker.load_weights(group.weights(), version=1))
+    runner.run(worker.load_weights(group.weights(), version=1))
     _, after = drift(group, batch)
     assert (after - before).abs()[batch.loss_mask.bool()].max() > 1e-3, "the update changed nothing"
 
     recorder.calls.clear()
-    trajs2 = rollout(loop, worker, seed_base=1000)
+    trajs2 = rollout(runner, worker, seed_base=1000)
     assert all(u.weight_version == 1 for t in trajs2 for u in t.turns)
     check_token_exact(worker, recorder, trajs2)
     max_diff2, _ = drift(group, batch_of(trajs2))

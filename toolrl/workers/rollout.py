@@ -9,8 +9,7 @@ new weights into every engine after an update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import ray
 
@@ -33,7 +32,6 @@ class RolloutSpec:
     parser: Target
     tools: dict[str, Target]
     task: Target
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RolloutWorker:
