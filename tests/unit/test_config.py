@@ -95,3 +95,20 @@ def test_cfg_job_prints_the_composed_config():
     )
     assert out.returncode == 0, out.stderr
     assert "total_steps: 5" in out.stdout and "_target_: toolrl.tools.calculator" in out.stdout
+
+
+@pytest.mark.parametrize("name", [p.stem for p in Path(CONF, "tools").glob("*.yaml")])
+def test_every_shipped_tool_instantiates(name):
+    cfg = load(f"tools=[{name}]")
+    validate(cfg)
+    for spec in cfg.tools.values():
+        tool = instantiate(spec)
+        assert tool.schema()["function"]["name"] == tool.name
+
+
+@pytest.mark.parametrize("name", [p.stem for p in Path(CONF, "parser").glob("*.yaml")])
+def test_every_shipped_parser_instantiates(name):
+    cfg = load(f"parser={name}")
+    validate(cfg)
+    parsed = instantiate(cfg.parser)("plain text, no calls")
+    assert parsed.calls == [] and parsed.errors == []

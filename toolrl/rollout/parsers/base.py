@@ -30,3 +30,33 @@ class Parser(Protocol):
     """Anything that parses a turn's text. It must never raise on any string."""
 
     def __call__(self, text: str) -> ParsedTurn: ...
+
+
+def check_max_parallel_calls(max_parallel_calls: int) -> None:
+    """Reject a limit below one: a parser that can run no call is a configuration error."""
+    if max_parallel_calls < 1:
+        raise ValueError(f"max_parallel_calls must be >= 1, got {max_parallel_calls}")
+
+
+def collect_calls(
+    results: list[ToolCall | str], max_parallel_calls: int
+) -> tuple[list[ToolCall], list[str]]:
+    """Number per-call results from 1 and split them into (calls, errors).
+
+    A str result is why that call is malformed. Well-formed calls beyond
+    `max_parallel_calls` each get an error saying they were not run, never a silent drop.
+    The wording matches `HermesParser`, e.g. `tool call 2: invalid JSON: ...`.
+    """
+    calls: list[ToolCall] = []
+    errors: list[str] = []
+    for i, result in enumerate(results, start=1):
+        if isinstance(result, str):
+            errors.append(f"tool call {i}: {result}")
+        elif len(calls) >= max_parallel_calls:
+            errors.append(
+                f"tool call {i}: not run: at most {max_parallel_calls} "
+                "tool calls are allowed in one turn"
+            )
+        else:
+            calls.append(result)
+    return calls, errors

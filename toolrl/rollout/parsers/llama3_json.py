@@ -1,0 +1,141 @@
+"""Parser for the Llama 3.x JSON tool-call format.
+
+A tool-calling turn is, optionally after `<|python_tag|>`, one JSON object
+
+    {"name": "get_weather", "parameters": {"city": "Paris"}}
+
+(`"arguments"` is accepted in place of `"parameters"`), or several separated by `;`. The turn
+may end with `<|eot_id|>` or `<|eom_id|>`. Text before `<|python_tag|>` is content. Without
+the tag, the turn holds calls only when its text starts with `{`; any other text (e.g. a
+plain answer that mentions `{1, 2}`) is content, and so is text after the last call. Each object is parsed on its own: a
+malformed one yields one error such as `tool call 2: invalid JSON: ...` and the parser
+resumes at the next `;` followed by `{`. Calls beyond `max_parallel_calls` get an error each.
+
+The parser never evaluates anything and never raises on any string.
+Run `python -m pytest tests/unit/test_parsers.py -k llama3` to exercise it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from toolrl.rollout.parsers.base import ParsedTurn, check_max_parallel_calls, collect_calls
+from toolrl.rollout.parsers.hermes import _json_type, _loads, _reject_constant
+from toolrl.rollout.trajectory import ToolCall
+
+PYTHON_TAG = "<|python_tag|>"
+END_MARKERS = ("<|eot_id|>", "<|eom_id|>")
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_NEXT_CALL = re.compile(r";\s*\{")
+
+
+@dataclass
+class Llama3JsonParser:
+    """Callable parser: `Llama3JsonParser(max_parallel_calls=4)(text) -> ParsedTurn`."""
+
+    max_parallel_calls: int = 4
+
+    def __post_init__(self) -> None:
+        check_max_parallel_calls(self.max_parallel_calls)
+
+    def __call__(self, text: str) -> ParsedTurn:
+        text = strip_end_markers(text, END_MARKERS)
+        tag = text.find(PYTHON_TAG)
+        if tag >= 0:
+            content, body = text[:tag].strip(), text[tag + len(PYTHON_TAG) :]
+        elif text.lstrip().startswith("{"):
+            content, body = "", text
+        else:
+            return ParsedTurn(content=text.strip())
+        results, trailing = split_calls(body)
+        calls, errors = collect_calls(results, self.max_parallel_calls)
+        content = "\n".join(part for part in (content, trailing) if part)
+        return ParsedTurn(content=content, calls=calls, errors=errors)
+
+
+def strip_end_markers(text: str, markers: tuple[str, ...]) -> str:
+    """Drop trailing end-of-turn markers (and whitespace around them) the engine kept."""
+    text = text.rstrip()
+    while True:
+        for marker in markers:
+            if text.endswith(marker):
+                text = text.removesuffix(marker).rstrip()
+                break
+        else:
+            return text
+
+
+def split_calls(body: str) -> tuple[list[ToolCall | str], str]:
+    """Parse `obj ; obj ; ...` into one ToolCall or error per object, plus trailing text.
+
+    A missing `;` between two objects is tolerated. Text after the last object that does
+    not start another one is returned as content rather than dropped.
+    """
+    results: list[ToolCall | str] = []
+    pos = _skip_space(body, 0)
+    while pos < len(body):
+        decoded = _decode_at(body, pos)
+        if isinstance(decoded, str):
+            results.append(decoded)
+            found = _NEXT_CALL.search(body, pos + 1)
+            if found is None:
+                return results, ""
+            pos = _skip_space(body, found.start() + 1)
+            continue
+        value, end = decoded
+        results.append(call_from_object(value, ("parameters", "arguments")))
+        pos = _skip_space(body, end)
+        if pos < len(body) and body[pos] == ";":
+            pos = _skip_space(body, pos + 1)
+        elif pos < len(body) and body[pos] != "{":
+            return results, body[pos:].strip()
+    return results, ""
+
+
+def _decode_at(text: str, pos: int) -> tuple[Any, int] | str:
+    """Decode one JSON value starting at `pos`: (value, end) or an error message."""
+    try:
+        return _DECODER.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON: {e.msg} at char {e.pos - pos}"
+    except RecursionError:
+        return "invalid JSON: nested too deeply"
+    except ValueError as e:  # NaN/Infinity, integers longer than Python's digit limit
+        return f"invalid JSON: {e}"
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def call_from_object(value: Any, keys: tuple[str, ...]) -> ToolCall | str:
+    """Check a decoded `{"name": ..., <key>: {...}}` and build its ToolCall, or say why not.
+
+    `keys` lists the accepted names of the arguments field, first preferred. Arguments that
+    were JSON-encoded a second time (a string holding an object) are accepted.
+    """
+    shape = '{"name": "<tool name>", "' + keys[0] + '": {...}}'
+    if not isinstance(value, dict):
+        return f"expected a JSON object {shape}, got {_json_type(value)}"
+    if "name" not in value:
+        return 'missing "name"'
+    name = value["name"]
+    if not isinstance(name, str) or not name:
+        return f'"name" must be a non-empty string, got {_json_type(name)}'
+    key = next((k for k in keys if k in value), None)
+    if key is None:
+        return f'missing "{keys[0]}" (use {{}} for a call without arguments)'
+    arguments = value[key]
+    if isinstance(arguments, str):
+        decoded = _loads(arguments)
+        if isinstance(decoded, str) or not isinstance(decoded[0], dict):
+            return f'"{key}" must be a JSON object, got a string that is not one'
+        arguments = decoded[0]
+    if not isinstance(arguments, dict):
+        return f'"{key}" must be a JSON object, got {_json_type(arguments)}'
+    return ToolCall(name=name, arguments=arguments)

@@ -1,0 +1,128 @@
+"""Parser for the Mistral tool-call formats, before and after tokenizer v11.
+
+Before v11 the model writes one marker and a JSON array:
+
+    [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {...}]
+
+From v11 on it writes each call as `[TOOL_CALLS]name[ARGS]{...}` (a `[CALL_ID]id` between
+the name and `[ARGS]` is accepted and ignored), repeated for several calls. Text before the
+first `[TOOL_CALLS]` is content; a trailing `</s>` is dropped. Each call is parsed on its
+own: a malformed array element or `name[ARGS]{...}` yields one error such as
+`tool call 2: invalid JSON: ...` and the calls around it are still returned. Calls beyond
+`max_parallel_calls` get an error each.
+
+The parser never evaluates anything and never raises on any string.
+Run `python -m pytest tests/unit/test_parsers.py -k mistral` to exercise it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from toolrl.rollout.parsers.base import ParsedTurn, check_max_parallel_calls, collect_calls
+from toolrl.rollout.parsers.llama3_json import _decode_at, call_from_object, strip_end_markers
+from toolrl.rollout.trajectory import ToolCall
+
+TOOL_CALLS = "[TOOL_CALLS]"
+ARGS = "[ARGS]"
+CALL_ID = "[CALL_ID]"
+END_MARKERS = ("</s>",)
+_NEXT_ELEMENT = re.compile(r",\s*\{")
+_NAME = re.compile(r"[A-Za-z_][\w.\-]*")
+
+
+@dataclass
+class MistralParser:
+    """Callable parser: `MistralParser(max_parallel_calls=4)(text) -> ParsedTurn`."""
+
+    max_parallel_calls: int = 4
+
+    def __post_init__(self) -> None:
+        check_max_parallel_calls(self.max_parallel_calls)
+
+    def __call__(self, text: str) -> ParsedTurn:
+        text = strip_end_markers(text, END_MARKERS)
+        content, *segments = text.split(TOOL_CALLS)
+        results: list[ToolCall | str] = []
+        for segment in segments:
+            segment = segment.strip()
+            if segment.startswith("["):
+                results.extend(parse_array(segment))
+            elif segment.startswith("{"):
+                results.extend(parse_array(f"[{segment}]"))
+            else:
+                results.extend(parse_named(segment))
+        calls, errors = collect_calls(results, self.max_parallel_calls)
+        return ParsedTurn(content=content.strip(), calls=calls, errors=errors)
+
+
+def parse_array(text: str) -> list[ToolCall | str]:
+    """Parse a pre-v11 `[{...}, {...}]` element by element (text starts with `[`)."""
+    results: list[ToolCall | str] = []
+    pos = _skip_space(text, 1)
+    while pos < len(text) and text[pos] != "]":
+        decoded = _decode_at(text, pos)
+        if isinstance(decoded, str):
+            results.append(decoded)
+            found = _NEXT_ELEMENT.search(text, pos + 1)
+            if found is None:
+                return results
+            pos = _skip_space(text, found.start() + 1)
+            continue
+        value, end = decoded
+        results.append(call_from_object(value, ("arguments", "parameters")))
+        pos = _skip_space(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            results.append(f"expected ',' or ']' after a tool call, got {text[pos:][:20]!r}")
+            return results
+    if pos >= len(text) and not results:
+        results.append("the tool call list is empty and not closed with ]")
+    return results
+
+
+def parse_named(segment: str) -> list[ToolCall | str]:
+    """Parse one or more v11 `name[ARGS]{...}` calls written back to back."""
+    results: list[ToolCall | str] = []
+    rest = segment
+    while rest:
+        head, sep, tail = rest.partition(ARGS)
+        if not sep:
+            results.append(f"expected name{ARGS}{{...}} after {TOOL_CALLS}, got {rest[:20]!r}")
+            return results
+        name = head.partition(CALL_ID)[0].strip()
+        tail = tail.lstrip()
+        decoded = _decode_at(tail, 0)
+        if not _NAME.fullmatch(name):
+            results.append(f"expected a tool name before {ARGS}, got {name[:40]!r}")
+        elif isinstance(decoded, str):
+            results.append(decoded)
+        else:
+            results.append(
+                call_from_object({"name": name, "arguments": decoded[0]}, ("arguments",))
+            )
+        if isinstance(decoded, str):
+            # Resume at the next call written back to back, if any; else the turn is done.
+            nxt = tail.find(ARGS)
+            if nxt < 0:
+                return results
+            rest = _after_name(tail, nxt)
+        else:
+            rest = tail[decoded[1] :].strip()
+    return results
+
+
+def _after_name(text: str, args_pos: int) -> str:
+    """The `name[ARGS]...` suffix of text whose `[ARGS]` starts at args_pos."""
+    start = args_pos
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_.-"):
+        start -= 1
+    return text[start:]
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
