@@ -43,6 +43,7 @@ class ModelConfig:
 class RolloutConfig:
     num_workers: int = 1  # Ray actors, each owning one engine
     num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0  # 1 on GPU machines, so the engine sees a device
     n: int = 8  # samples per prompt (the GRPO group size)
     max_turns: int = 3  # assistant turns per trajectory
     max_total_tokens: int = 512  # prompt + everything appended; a trajectory stops when full
@@ -196,6 +197,11 @@ def validate(cfg: Config) -> None:
         f"{t.train_group.world_size} training ranks; lower it or raise trainer.prompts_per_step",
     )
     _check(t.optim.lr > 0, "trainer.optim.lr", "must be > 0")
+    _check(
+        t.train_group.micro_batch_size >= 1, "trainer.train_group.micro_batch_size", "must be >= 1"
+    )
+    _check_samplers(cfg)
+    _check_cpus(cfg)
     loss = a.loss
     _check(0 < loss.clip_low < 1, "algorithm.loss.clip_low", "must be in (0, 1)")
     _check(loss.clip_high > 0, "algorithm.loss.clip_high", "must be > 0")
@@ -216,6 +222,42 @@ def validate(cfg: Config) -> None:
         resolve_target(f"tools.{name}", spec)
     resolve_target("parser", cfg.parser)
     resolve_target("task", cfg.task)
-    resolve_target("rollout.sampler", r.sampler)
-    resolve_target("rollout.eval_sampler", r.eval_sampler)
     resolve_target("algorithm.advantages", a.advantages)
+
+
+def _check_samplers(cfg: Config) -> None:
+    for key, spec in (
+        ("rollout.sampler", cfg.rollout.sampler),
+        ("rollout.eval_sampler", cfg.rollout.eval_sampler),
+    ):
+        resolve_target(key, spec)
+        sampler = instantiate(spec)
+        temperature, top_p = getattr(sampler, "temperature", 1.0), getattr(sampler, "top_p", 1.0)
+        _check(temperature >= 0, f"{key}.temperature", "must be >= 0")
+        _check(0 < top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+        _check(getattr(sampler, "max_new_tokens", 1) >= 1, f"{key}.max_new_tokens", "must be >= 1")
+    s = instantiate(cfg.rollout.sampler)
+    # The engine and the trainer score sampled tokens under the untempered policy; training
+    # on tempered or top-p samples would need that distribution in the loss too.
+    _check(
+        getattr(s, "temperature", 1.0) == 1.0 and getattr(s, "top_p", 1.0) == 1.0,
+        "rollout.sampler",
+        "training samples must use temperature 1.0 and top_p 1.0 (the loss scores the untempered "
+        "policy); change only rollout.eval_sampler",
+    )
+
+
+def _check_cpus(cfg: Config) -> None:
+    """On a local cluster, Ray would leave actors pending forever if they ask for too many CPUs."""
+    if cfg.ray.address:
+        return
+    have = cfg.ray.num_cpus or os.cpu_count() or 1
+    r, g = cfg.rollout, cfg.trainer.train_group
+    need = r.num_workers * r.num_cpus_per_worker + g.world_size * g.num_cpus_per_worker
+    _check(
+        need <= have,
+        "rollout.num_cpus_per_worker",
+        f"the actors ask for {need:g} CPUs but this machine has {have}; lower "
+        "rollout.num_cpus_per_worker or trainer.train_group.num_cpus_per_worker (they may be "
+        "fractions) or the number of workers",
+    )

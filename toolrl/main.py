@@ -20,6 +20,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from toolrl.config import Config, ConfigError, instantiate, register, to_config, validate
 
@@ -72,7 +73,7 @@ def run(cfg: Config) -> dict[str, Any]:
             tools=cfg.tools,
             task=cfg.task,
         )
-        rollout = RolloutGroup(spec, r.num_workers, r.num_cpus_per_worker)
+        rollout = RolloutGroup(spec, r.num_workers, r.num_cpus_per_worker, r.num_gpus_per_worker)
         train = TrainGroup(t.train_group, model_path, t.optim, cfg.algorithm.loss)
         logger = MetricsLogger(
             cfg.run_dir,
@@ -90,15 +91,23 @@ def run(cfg: Config) -> dict[str, Any]:
             rollout=rollout,
             train=train,
             logger=logger,
-            pad_id=AutoTokenizer.from_pretrained(model_path).pad_token_id,
+            pad_id=_pad_id(AutoTokenizer.from_pretrained(model_path)),
             model_path=model_path,
         )
         try:
             return trainer.fit()
         finally:
             logger.close()
+            rollout.shutdown()
+            train.shutdown()
     finally:
         ray.shutdown()
+
+
+def _pad_id(tokenizer: Any) -> int:
+    # Many tokenizers (Llama 3) have no pad token; padded positions are masked out anyway.
+    pad = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad is None else pad
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
@@ -106,7 +115,7 @@ def main(dcfg: DictConfig) -> None:
     try:
         cfg = to_config(dcfg)
         validate(cfg)
-    except ConfigError as e:
+    except (ConfigError, OmegaConfBaseException) as e:
         print(f"toolrl: bad config: {e}", file=sys.stderr)
         sys.exit(2)
     cfg.run_dir = HydraConfig.get().runtime.output_dir

@@ -191,3 +191,40 @@ def test_state_is_per_trajectory_and_a_slow_tool_does_not_stall_others(tok):
     assert t.turns[0].results[0].content == "rec:s"
     keys = {k for _, k in rec.log}
     assert len(keys) == 1 and [e[0] for e in rec.log] == ["open", "call", "close"]
+
+
+class SlowOpen(Recorder):
+    """Opening takes a while; records whether each call saw an open session."""
+
+    async def open(self, key):
+        self.log.append(("open-start", key))
+        await asyncio.sleep(0.05)
+        if self.behaviour == "open-fails":
+            raise OSError("no sandbox")
+        self.log.append(("open", key))
+
+    async def call(self, key, arguments):
+        self.log.append(("call", ("open", key) in self.log))
+        return "x" * 50, True
+
+
+def test_parallel_calls_wait_for_one_open_and_long_output_is_cut(tok):
+    rec = SlowOpen()
+    two = call("a", name="rec") + "\n" + call("b", name="rec") + "<|im_end|>"
+    loop, engine, _ = make_loop(
+        tok, replies(two, "done<|im_end|>"), tools={"rec": rec}, max_tool_output_chars=20
+    )
+    t = run(loop)
+    assert [e for e in rec.log if e[0] == "call"] == [("call", True), ("call", True)]
+    assert sum(e[0] == "open-start" for e in rec.log) == 1 and rec.log[-1][0] == "close"
+    assert all(
+        r.content.startswith("x" * 20 + "\n[output truncated: 30") for r in t.turns[0].results
+    )
+
+
+def test_a_session_that_cannot_open_is_an_infra_fault(tok):
+    rec = SlowOpen("open-fails")
+    loop, _, _ = make_loop(tok, replies(call("a", name="rec") + "<|im_end|>"), tools={"rec": rec})
+    t = run(loop)
+    assert t.infra_error and "no sandbox" in t.infra_error
+    assert not any(e[0] == "close" for e in rec.log)  # never opened, so nothing to close

@@ -67,11 +67,21 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("algorithm.mini_batches=1000", "algorithm.mini_batches"),
         ("parser._target_=toolrl.rollout.parsers.nope.Parser", "parser._target_"),
         ("+tools.calculator.max_digitz=3", "tools.calculator"),
+        ("rollout.sampler.temperature=0.7", "rollout.sampler"),
+        ("rollout.eval_sampler.top_p=0", "rollout.eval_sampler.top_p"),
+        ("trainer.train_group.micro_batch_size=0", "trainer.train_group.micro_batch_size"),
+        ("model.path=/nonexistent", "model.path"),
     ],
 )
 def test_validation_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(load(override))
+
+
+def test_asking_for_more_cpus_than_the_local_cluster_has_fails_early():
+    with pytest.raises(ConfigError, match="ask for 9 CPUs but this machine has 2"):
+        validate(load("ray.num_cpus=2", "rollout.num_workers=8"))
+    validate(load("ray.num_cpus=2", "rollout.eval_sampler.temperature=0.5"))  # eval may temper
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):

@@ -208,13 +208,16 @@ def test_mistral_malformed_calls_keep_neighbours() -> None:
     turn = MistralParser()(text)
     assert [c.name for c in turn.calls] == ["f", "h"]
     assert turn.errors == ["tool call 2: invalid JSON: Expecting value at char 6"]
-    text = '[TOOL_CALLS] [{"name": "f", "arguments": {}}, {"name": "g" "arguments": {}}, 3]'
+    text = (
+        '[TOOL_CALLS] [{"name": "f", "arguments": {}}, 3, {"name": "g" "arguments": {}}, '
+        '{"name": "h", "arguments": {}}]'
+    )
     turn = MistralParser()(text)
-    assert [c.name for c in turn.calls] == ["f"]
+    assert [c.name for c in turn.calls] == ["f", "h"]
     assert turn.errors == [
-        "tool call 2: invalid JSON: Expecting ',' delimiter at char 12",
-        "tool call 3: expected a JSON object "
+        "tool call 2: expected a JSON object "
         '{"name": "<tool name>", "arguments": {...}}, got a number',
+        "tool call 3: invalid JSON: Expecting ',' delimiter at char 13",
     ]
     turn = MistralParser()('[TOOL_CALLS]no args here[TOOL_CALLS]g[ARGS]{"a": [1]}')
     assert turn.calls == [ToolCall("g", {"a": [1]})] and len(turn.errors) == 1

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from toolrl.rollout.chat import ChatBuilder
 from toolrl.rollout.parsers.base import ParsedTurn
@@ -28,12 +28,15 @@ from toolrl.rollout.sampler import Engine, Sampler
 from toolrl.rollout.trajectory import ToolCall, ToolResult, Trajectory, Turn
 from toolrl.tools.base import Tool, ToolInfraError
 
+T = TypeVar("T")
+
 
 @dataclass
 class LoopConfig:
     max_turns: int = 3
     max_total_tokens: int = 512
     tool_timeout_s: float = 10.0
+    max_tool_output_chars: int = 2000  # longer answers are cut, with a marker the model reads
 
 
 @dataclass
@@ -61,11 +64,11 @@ class AgentLoop:
         self.weight_version = 0
 
     async def run_many(self, episodes: list[Episode], sampler: Sampler) -> list[Trajectory]:
-        return list(await asyncio.gather(*(self.run(ep, sampler) for ep in episodes)))
+        return await _gather_all(self.run(ep, sampler) for ep in episodes)
 
     async def run(self, ep: Episode, sampler: Sampler) -> Trajectory:
         traj = Trajectory.from_prompt(ep.prompt_id, self.chat.prompt_ids(ep.messages))
-        key, opened = uuid.uuid4().hex, set[str]()
+        sessions = _Sessions(self.tools, uuid.uuid4().hex)
         final_text = None
         try:
             for turn_no in range(self.cfg.max_turns):
@@ -80,14 +83,15 @@ class AgentLoop:
                     break
                 if turn_no == self.cfg.max_turns - 1:
                     break  # out of turns while still calling tools: no answer
-                turn.results = await self._run_calls(key, opened, parsed)
-                traj.append_context(self.chat.tool_turn_ids(turn.results))
+                turn.results = await self._run_calls(sessions, parsed)
+                answer_ids = self.chat.tool_turn_ids(turn.results)
+                if len(traj.token_ids) + len(answer_ids) >= self.cfg.max_total_tokens:
+                    break  # no room left for the tool answers and a reply: no answer
+                traj.append_context(answer_ids)
         except ToolInfraError as e:
             traj.infra_error = f"{type(e).__name__}: {e}"
         finally:
-            await asyncio.gather(
-                *(self.tools[n].close(key) for n in opened), return_exceptions=True
-            )
+            await sessions.close_all()
         traj.info["final_text"] = final_text
         traj.reward = 0.0 if final_text is None else float(self.reward(final_text, ep.answer))
         traj.check()
@@ -109,24 +113,25 @@ class AgentLoop:
         traj.turns.append(turn)
         return turn, parsed
 
-    async def _run_calls(self, key: str, opened: set[str], parsed: ParsedTurn) -> list[ToolResult]:
-        """Run a turn's calls concurrently; parse errors become answers the model reads."""
-        results = await asyncio.gather(*(self._call(key, opened, c) for c in parsed.calls))
-        return list(results) + [ToolResult("error", f"Error: {e}", ok=False) for e in parsed.errors]
+    async def _run_calls(self, sessions: _Sessions, parsed: ParsedTurn) -> list[ToolResult]:
+        """Run a turn's calls concurrently; parse errors become answers the model reads.
 
-    async def _call(self, key: str, opened: set[str], call: ToolCall) -> ToolResult:
+        Every call finishes (or times out) before an infra fault propagates, so no call is
+        left running against a session that the trajectory's end is about to close."""
+        results = await _gather_all(self._call(sessions, c) for c in parsed.calls)
+        return results + [ToolResult("error", f"Error: {e}", ok=False) for e in parsed.errors]
+
+    async def _call(self, sessions: _Sessions, call: ToolCall) -> ToolResult:
         tool = self.tools.get(call.name)
         if tool is None:
             known = ", ".join(sorted(self.tools))
             return ToolResult(
                 call.name, f"Error: unknown tool {call.name!r}; tools: {known}", False
             )
-        if call.name not in opened:
-            opened.add(call.name)
-            await tool.open(key)
         try:
+            await sessions.open(call.name)
             text, ok = await asyncio.wait_for(
-                tool.call(key, call.arguments), timeout=self.cfg.tool_timeout_s
+                tool.call(sessions.key, call.arguments), timeout=self.cfg.tool_timeout_s
             )
         except TimeoutError:
             return ToolResult(
@@ -138,4 +143,48 @@ class AgentLoop:
             return ToolResult(
                 call.name, f"Error: {call.name} failed: {type(e).__name__}: {e}", False
             )
-        return ToolResult(call.name, str(text), bool(ok))
+        return ToolResult(call.name, _truncate(str(text), self.cfg.max_tool_output_chars), bool(ok))
+
+
+class _Sessions:
+    """A trajectory's tool sessions: each tool opened once, before its first call (even when
+    several calls to it start at once), and every opened tool closed at the end."""
+
+    def __init__(self, tools: dict[str, Tool], key: str) -> None:
+        self.tools, self.key = tools, key
+        self._opening: dict[str, asyncio.Future[None]] = {}
+
+    async def open(self, name: str) -> None:
+        if name not in self._opening:
+            self._opening[name] = asyncio.ensure_future(self.tools[name].open(self.key))
+        try:
+            await asyncio.shield(self._opening[name])
+        except ToolInfraError:
+            raise
+        except Exception as e:  # a session that cannot start is the infrastructure's fault
+            raise ToolInfraError(f"{name}: could not open a session: {e}") from e
+
+    async def close_all(self) -> None:
+        opened = [
+            n
+            for n, f in self._opening.items()
+            if f.done() and not f.cancelled() and not f.exception()
+        ]
+        await asyncio.gather(
+            *(self.tools[n].close(self.key) for n in opened), return_exceptions=True
+        )
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[output truncated: {len(text) - limit} more characters]"
+
+
+async def _gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Like gather, but lets every task finish before the first exception propagates."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]

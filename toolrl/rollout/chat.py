@@ -40,6 +40,8 @@ class ChatBuilder:
         self.turn_end_id: int = tokenizer.convert_tokens_to_ids(self.turn_end)
         added = sorted(getattr(tokenizer, "get_added_vocab", dict)(), key=len, reverse=True)
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
+        # Fail when the worker is built, not at the first tool call of the first step.
+        self.tool_turn_ids([ToolResult("probe", "a"), ToolResult("probe", "b")])
 
     @property
     def stop_token_ids(self) -> list[int]:

@@ -62,12 +62,17 @@ class RolloutWorker:
     def ready(self) -> bool:
         return True
 
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
 
 class RolloutGroup:
     """Driver-side handle over `num_workers` rollout actors."""
 
-    def __init__(self, spec: RolloutSpec, num_workers: int, num_cpus_per_worker: float) -> None:
-        actor = ray.remote(num_cpus=num_cpus_per_worker)(RolloutWorker)
+    def __init__(
+        self, spec: RolloutSpec, num_workers: int, num_cpus: float, num_gpus: float = 0.0
+    ) -> None:
+        actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RolloutWorker)
         self.workers = [actor.remote(spec) for _ in range(num_workers)]
         ray.get([w.ready.remote() for w in self.workers])
 
@@ -86,5 +91,6 @@ class RolloutGroup:
         ray.get([w.load_weights.remote(ref, version) for w in self.workers])
 
     def shutdown(self) -> None:
+        ray.get([w.shutdown.remote() for w in self.workers])  # stop vLLM's processes first
         for w in self.workers:
             ray.kill(w)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,9 @@ def _skip_string(text: str, pos: int) -> int:
 def parse_element(source: str) -> ToolCall | str:
     """Parse one `name(key=literal, ...)` element, or say why it is malformed."""
     try:
-        node = ast.parse(source.strip(), mode="eval").body
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal": the error says it
+            warnings.simplefilter("ignore", SyntaxWarning)
+            node = ast.parse(source.strip(), mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         return f"invalid Python call: {getattr(e, 'msg', None) or type(e).__name__}"
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
