@@ -38,6 +38,16 @@ def check_max_parallel_calls(max_parallel_calls: int) -> None:
         raise ValueError(f"max_parallel_calls must be >= 1, got {max_parallel_calls}")
 
 
+@dataclass
+class CallLimit:
+    """Base of the shipped parsers: how many well-formed calls one turn may run."""
+
+    max_parallel_calls: int = 4
+
+    def __post_init__(self) -> None:
+        check_max_parallel_calls(self.max_parallel_calls)
+
+
 def collect_calls(
     results: list[ToolCall | str], max_parallel_calls: int
 ) -> tuple[list[ToolCall], list[str]]:

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from toolrl.rollout.parsers.base import ParsedTurn
+from toolrl.rollout.parsers.base import CallLimit, ParsedTurn
 from toolrl.rollout.trajectory import ToolCall
 
 OPEN = "<tool_call>"
@@ -34,14 +34,8 @@ _SHAPE = '{"name": "<tool name>", "arguments": {...}}'
 
 
 @dataclass
-class HermesParser:
+class HermesParser(CallLimit):
     """Callable parser: `HermesParser(max_parallel_calls=4)(text) -> ParsedTurn`."""
-
-    max_parallel_calls: int = 4
-
-    def __post_init__(self) -> None:
-        if self.max_parallel_calls < 1:
-            raise ValueError(f"max_parallel_calls must be >= 1, got {self.max_parallel_calls}")
 
     def __call__(self, text: str) -> ParsedTurn:
         content, bodies = split_blocks(strip_end_of_turn(text))

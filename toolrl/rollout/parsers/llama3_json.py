@@ -22,7 +22,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from toolrl.rollout.parsers.base import ParsedTurn, check_max_parallel_calls, collect_calls
+from toolrl.rollout.parsers.base import (
+    CallLimit,
+    ParsedTurn,
+    collect_calls,
+)
 from toolrl.rollout.parsers.hermes import _json_type, _loads, _reject_constant
 from toolrl.rollout.trajectory import ToolCall
 
@@ -33,13 +37,8 @@ _NEXT_CALL = re.compile(r";\s*\{")
 
 
 @dataclass
-class Llama3JsonParser:
+class Llama3JsonParser(CallLimit):
     """Callable parser: `Llama3JsonParser(max_parallel_calls=4)(text) -> ParsedTurn`."""
-
-    max_parallel_calls: int = 4
-
-    def __post_init__(self) -> None:
-        check_max_parallel_calls(self.max_parallel_calls)
 
     def __call__(self, text: str) -> ParsedTurn:
         text = strip_end_markers(text, END_MARKERS)

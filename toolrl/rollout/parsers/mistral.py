@@ -20,7 +20,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from toolrl.rollout.parsers.base import ParsedTurn, check_max_parallel_calls, collect_calls
+from toolrl.rollout.parsers.base import (
+    CallLimit,
+    ParsedTurn,
+    collect_calls,
+)
 from toolrl.rollout.parsers.llama3_json import _decode_at, call_from_object, strip_end_markers
 from toolrl.rollout.trajectory import ToolCall
 
@@ -33,13 +37,8 @@ _NAME = re.compile(r"[A-Za-z_][\w.\-]*")
 
 
 @dataclass
-class MistralParser:
+class MistralParser(CallLimit):
     """Callable parser: `MistralParser(max_parallel_calls=4)(text) -> ParsedTurn`."""
-
-    max_parallel_calls: int = 4
-
-    def __post_init__(self) -> None:
-        check_max_parallel_calls(self.max_parallel_calls)
 
     def __call__(self, text: str) -> ParsedTurn:
         text = strip_end_markers(text, END_MARKERS)

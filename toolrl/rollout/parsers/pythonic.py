@@ -26,7 +26,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from toolrl.rollout.parsers.base import ParsedTurn, check_max_parallel_calls, collect_calls
+from toolrl.rollout.parsers.base import (
+    CallLimit,
+    ParsedTurn,
+    collect_calls,
+)
 from toolrl.rollout.parsers.llama3_json import END_MARKERS, PYTHON_TAG, strip_end_markers
 from toolrl.rollout.trajectory import ToolCall
 
@@ -35,13 +39,8 @@ _OPENERS = {"(": ")", "[": "]", "{": "}"}
 
 
 @dataclass
-class PythonicParser:
+class PythonicParser(CallLimit):
     """Callable parser: `PythonicParser(max_parallel_calls=4)(text) -> ParsedTurn`."""
-
-    max_parallel_calls: int = 4
-
-    def __post_init__(self) -> None:
-        check_max_parallel_calls(self.max_parallel_calls)
 
     def __call__(self, text: str) -> ParsedTurn:
         text = strip_end_markers(text, END_MARKERS).strip()

@@ -30,7 +30,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from toolrl.rollout.parsers.base import ParsedTurn, check_max_parallel_calls, collect_calls
+from toolrl.rollout.parsers.base import (
+    CallLimit,
+    ParsedTurn,
+    collect_calls,
+)
 from toolrl.rollout.parsers.hermes import CLOSE, OPEN, _loads, split_blocks, strip_end_of_turn
 from toolrl.rollout.trajectory import ToolCall
 
@@ -42,13 +46,8 @@ _NAME = re.compile(r"[^\s<>=]+")
 
 
 @dataclass
-class Qwen3CoderParser:
+class Qwen3CoderParser(CallLimit):
     """Callable parser: `Qwen3CoderParser(max_parallel_calls=4)(text) -> ParsedTurn`."""
-
-    max_parallel_calls: int = 4
-
-    def __post_init__(self) -> None:
-        check_max_parallel_calls(self.max_parallel_calls)
 
     def __call__(self, text: str) -> ParsedTurn:
         content, bodies = split_blocks(strip_end_of_turn(text))
