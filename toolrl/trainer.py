@@ -101,7 +101,7 @@ class Trainer:
         batch = self._batch(kept)
         if a.recompute_old_logprobs:
             old = self.train.logprobs(batch)  # [B, T]
-            metrics.update(_logprob_drift(old, batch))
+            metrics.update(logprob_drift(old, batch, kept))
             batch.old_logprobs = old
         if a.loss.kl_coef > 0:
             batch.ref_logprobs = self.train.ref_logprobs(batch)
@@ -130,13 +130,29 @@ class Trainer:
         return TrainBatch.from_trajectories(trajs, adv, self.pad_id)
 
 
-def _logprob_drift(trainer_lp: torch.Tensor, batch: TrainBatch) -> dict[str, float]:
-    """How far the engine's logprobs are from the trainer's on the same sampled ids."""
-    mask = batch.loss_mask.bool()  # [B, T]
-    diff = (trainer_lp - batch.old_logprobs).abs()[mask]
-    if diff.numel() == 0:
+def logprob_drift(
+    trainer_lp: torch.Tensor, batch: TrainBatch, trajs: list[Trajectory]
+) -> dict[str, float]:
+    """How far the engine's logprobs are from the trainer's on the same sampled ids, overall
+    and per assistant turn (a template or weight-sync bug shows up from turn 1 on).
+
+    trainer_lp, batch.old_logprobs: [B, T], column t scores token t+1 (see algo/batch.py);
+    row i is trajs[i].
+    """
+    diff = (trainer_lp - batch.old_logprobs).abs()  # [B, T]
+    sampled = diff[batch.loss_mask.bool()]
+    if sampled.numel() == 0:
         return {}
-    return {
-        "rollout/logprob_diff_mean": diff.mean().item(),
-        "rollout/logprob_diff_max": diff.max().item(),
+    out = {
+        "rollout/logprob_diff_mean": sampled.mean().item(),
+        "rollout/logprob_diff_max": sampled.max().item(),
     }
+    per_turn: dict[int, list[torch.Tensor]] = {}
+    for i, traj in enumerate(trajs):
+        for k, turn in enumerate(traj.turns):
+            per_turn.setdefault(k, []).append(diff[i, turn.start - 1 : turn.end - 1])
+    for k, parts in sorted(per_turn.items()):
+        d = torch.cat(parts)
+        if d.numel():
+            out[f"rollout/logprob_diff_max_turn{k}"] = d.max().item()
+    return out

@@ -30,6 +30,7 @@ def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, embedded_m
                 "rollout/logprob_diff_max", "train/loss"):  # fmt: skip
         assert key in steps[0], key
     assert steps[0]["rollout/logprob_diff_max"] < 1e-4
+    assert steps[0]["rollout/logprob_diff_max_turn0"] < 1e-4  # and per assistant turn
     evals = [r for r in rows if "eval/reward" in r]
     assert len(evals) == 2 and 0.0 <= evals[-1]["eval/reward"] <= 1.0
     assert list((run_dir / "wandb").glob("offline-run-*"))
