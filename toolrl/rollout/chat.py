@@ -40,6 +40,7 @@ class ChatBuilder:
         self.turn_end_id: int = tokenizer.convert_tokens_to_ids(self.turn_end)
         added = sorted(getattr(tokenizer, "get_added_vocab", dict)(), key=len, reverse=True)
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
+        self._glue_cache: dict[tuple[str, ...], tuple[list[list[int]], list[int]]] = {}
         # Fail when the worker is built, not at the first tool call of the first step.
         self.tool_turn_ids([ToolResult("probe", "a"), ToolResult("probe", "b")])
 
@@ -75,9 +76,21 @@ class ChatBuilder:
 
     def tool_turn_ids(self, results: list[ToolResult]) -> list[int]:
         """Ids to append after a turn that ended with the end-of-turn id: glue + tool answers + header."""
+        pieces, tail = self._glue(tuple(r.name for r in results))
+        ids: list[int] = []
+        for piece, r in zip(pieces, results, strict=True):
+            ids += piece + self._encode_plain(r.content)
+        return ids + tail
+
+    def _glue(self, names: tuple[str, ...]) -> tuple[list[list[int]], list[int]]:
+        """The template's ids before each tool answer, and after the last one.
+
+        They depend only on the tools' names, not on what the tools said, so they are
+        rendered once per shape of tool turn instead of once per tool turn."""
+        if names in self._glue_cache:
+            return self._glue_cache[names]
         tool_msgs = [
-            {"role": "tool", "name": r.name, "content": _SENTINEL.format(i)}
-            for i, r in enumerate(results)
+            {"role": "tool", "name": n, "content": _SENTINEL.format(i)} for i, n in enumerate(names)
         ]
         short = self._render(_PROBE, generation_prompt=False)
         full = self._render(_PROBE + tool_msgs, generation_prompt=True)
@@ -87,10 +100,11 @@ class ChatBuilder:
         if cut < 0:
             raise TemplateError(f"assistant turns do not end with {self.turn_end!r}")
         glue = short[cut + len(self.turn_end) :] + full[len(short) :]
-        ids: list[int] = []
-        for i, r in enumerate(results):
+        pieces = []
+        for i in range(len(names)):
             before, sep, glue = glue.partition(_SENTINEL.format(i))
             if not sep:
                 raise TemplateError("the template dropped or altered a tool message's content")
-            ids += self._encode(before) + self._encode_plain(r.content)
-        return ids + self._encode(glue)
+            pieces.append(self._encode(before))
+        self._glue_cache[names] = (pieces, self._encode(glue))
+        return self._glue_cache[names]
