@@ -226,21 +226,22 @@ def validate(cfg: Config) -> None:
 
 
 def _check_samplers(cfg: Config) -> None:
+    samplers = {}
     for key, spec in (
         ("rollout.sampler", cfg.rollout.sampler),
         ("rollout.eval_sampler", cfg.rollout.eval_sampler),
     ):
         resolve_target(key, spec)
-        sampler = instantiate(spec)
+        samplers[key] = sampler = instantiate(spec)
         temperature, top_p = getattr(sampler, "temperature", 1.0), getattr(sampler, "top_p", 1.0)
         _check(temperature >= 0, f"{key}.temperature", "must be >= 0")
         _check(0 < top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
         _check(getattr(sampler, "max_new_tokens", 1) >= 1, f"{key}.max_new_tokens", "must be >= 1")
-    s = instantiate(cfg.rollout.sampler)
+    train = samplers["rollout.sampler"]
     # The engine and the trainer score sampled tokens under the untempered policy; training
     # on tempered or top-p samples would need that distribution in the loss too.
     _check(
-        getattr(s, "temperature", 1.0) == 1.0 and getattr(s, "top_p", 1.0) == 1.0,
+        getattr(train, "temperature", 1.0) == 1.0 and getattr(train, "top_p", 1.0) == 1.0,
         "rollout.sampler",
         "training samples must use temperature 1.0 and top_p 1.0 (the loss scores the untempered "
         "policy); change only rollout.eval_sampler",
