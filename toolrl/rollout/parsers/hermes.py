@@ -132,12 +132,17 @@ def _loads(text: str) -> tuple[Any] | str:
     """json.loads that returns (value,) or an error message, and never raises."""
     try:
         return (json.loads(text, parse_constant=_reject_constant),)
-    except json.JSONDecodeError as e:
-        return f"invalid JSON: {e.msg} at char {e.pos}"
-    except RecursionError:
+    except (ValueError, RecursionError) as e:
+        return json_error(e)
+
+
+def json_error(e: ValueError | RecursionError, start: int = 0) -> str:
+    """The model-readable message for a JSON value that failed to decode from `start` on."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e.msg} at char {e.pos - start}"
+    if isinstance(e, RecursionError):
         return "invalid JSON: nested too deeply"
-    except ValueError as e:  # NaN/Infinity, integers longer than Python's digit limit
-        return f"invalid JSON: {e}"
+    return f"invalid JSON: {e}"  # NaN/Infinity, integers longer than Python's digit limit
 
 
 def _json_type(value: Any) -> str:

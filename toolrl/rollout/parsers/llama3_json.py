@@ -27,7 +27,7 @@ from toolrl.rollout.parsers.base import (
     ParsedTurn,
     collect_calls,
 )
-from toolrl.rollout.parsers.hermes import _json_type, _loads, _reject_constant
+from toolrl.rollout.parsers.hermes import _json_type, _loads, _reject_constant, json_error
 from toolrl.rollout.trajectory import ToolCall
 
 PYTHON_TAG = "<|python_tag|>"
@@ -98,12 +98,8 @@ def _decode_at(text: str, pos: int) -> tuple[Any, int] | str:
     """Decode one JSON value starting at `pos`: (value, end) or an error message."""
     try:
         return _DECODER.raw_decode(text, pos)
-    except json.JSONDecodeError as e:
-        return f"invalid JSON: {e.msg} at char {e.pos - pos}"
-    except RecursionError:
-        return "invalid JSON: nested too deeply"
-    except ValueError as e:  # NaN/Infinity, integers longer than Python's digit limit
-        return f"invalid JSON: {e}"
+    except (ValueError, RecursionError) as e:
+        return json_error(e, start=pos)
 
 
 def _skip_space(text: str, pos: int) -> int:
