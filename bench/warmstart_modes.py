@@ -1,11 +1,12 @@
 """Behaviour mix of the warm-started embedded model, sampled at temperature 1.
 
 Builds the default embedded model (or uses the cached one), then samples one episode per
-eval prompt with a minimal plain-transformers loop (turn, calculator, turn) and prints the
+eval prompt with a minimal plain-transformers loop (turn, tool, turn) and prints the
 fractions of correct calls, wrong-operator calls and direct answers, the operand and result
 copy accuracies and the mean reward: the step-0 point that RL starts from.
 
     python bench/warmstart_modes.py                    # default model, 200 eval prompts
+    python bench/warmstart_modes.py --tool python      # the variant that calls `python`
     python bench/warmstart_modes.py --cache /tmp/c --n 100 --seeds 0 1 2
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from toolrl.models.tiny import EmbeddedModelConfig, build_embedded_model
+from toolrl.models.tiny import build_embedded_model, embedded_config
 from toolrl.models.warmstart import measure_modes
 
 
@@ -31,10 +32,13 @@ def main() -> None:
     )
     ap.add_argument("--n", type=int, default=200, help="eval prompts to sample")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
+    ap.add_argument(
+        "--tool", default="calculator", choices=["calculator", "python"], help="warm-start style"
+    )
     args = ap.parse_args()
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    path = build_embedded_model(EmbeddedModelConfig(), cache_dir=args.cache)
+    path = build_embedded_model(embedded_config(args.tool), cache_dir=args.cache)
     built_s = time.perf_counter() - t0
     info = json.loads((path / "toolrl_build.json").read_text())
     tok = AutoTokenizer.from_pretrained(path)
@@ -49,7 +53,7 @@ def main() -> None:
     )
     for seed in args.seeds:
         t1 = time.perf_counter()
-        stats = measure_modes(model, tok, n=args.n, seed=seed)
+        stats = measure_modes(model, tok, n=args.n, seed=seed, tool=args.tool)
         print(
             f"seed {seed} ({time.perf_counter() - t1:.1f}s): "
             + json.dumps({k: round(v, 3) for k, v in stats.items()})

@@ -35,6 +35,17 @@ if [ "$(cat .venv/.toolrl-installed 2>/dev/null)" != "$want" ]; then
   "${pip[@]}" install --no-deps --no-build-isolation -e .
   echo "$want" > .venv/.toolrl-installed
 fi
+# The python tool's sandbox is bubblewrap, a Debian/Ubuntu package; everything else works without.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "toolrl setup: installing bubblewrap (the python tool's sandbox)"
+    apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null; } \
+      || echo "toolrl setup: could not install bubblewrap; the python tool will refuse to start" >&2
+  else
+    echo "toolrl setup: no bwrap; the python tool needs it: sudo apt-get install bubblewrap" >&2
+  fi
+fi
 .venv/bin/python -c 'import toolrl, vllm, ray, torch' 2>/dev/null \
   || { echo "toolrl setup: the install is incomplete; delete .venv and run again" >&2; exit 1; }
 echo "toolrl setup: ready (.venv, $kind)"

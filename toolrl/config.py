@@ -33,10 +33,16 @@ class ConfigError(ValueError):
     """A config that cannot run; the message says which key and what to change."""
 
 
+EMBEDDED_TOOLS = ("calculator", "python")  # the styles of toolrl.models.warmstart.TOOL_STYLES
+
+
 @dataclass
 class ModelConfig:
     # "embedded" builds (once, then cached) the tiny default model; otherwise a local HF folder.
     path: str = "embedded"
+    # The tool the embedded model is warm-started to call (one of EMBEDDED_TOOLS); it must be
+    # the tool the run configures. Ignored when `path` is a folder.
+    embedded_tool: str = "calculator"
 
 
 @dataclass
@@ -48,6 +54,7 @@ class RolloutConfig:
     max_turns: int = 3  # assistant turns per trajectory
     max_total_tokens: int = 512  # prompt + everything appended; a trajectory stops when full
     tool_timeout_s: float = 10.0  # per call, enforced by the loop
+    max_tool_output_tokens: int = 256  # a tool answer is cut to this many tokens, with a marker
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampler: Target = field(
         default_factory=lambda: {"_target_": "toolrl.rollout.sampler.Sampler", "temperature": 1.0}
@@ -179,6 +186,7 @@ def validate(cfg: Config) -> None:
     _check(r.num_workers >= 1, "rollout.num_workers", "must be >= 1")
     _check(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
     _check(r.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
+    _check(r.max_tool_output_tokens >= 1, "rollout.max_tool_output_tokens", "must be >= 1")
     _check(
         r.max_total_tokens <= r.engine.max_model_len,
         "rollout.max_total_tokens",
@@ -217,12 +225,50 @@ def validate(cfg: Config) -> None:
         "model.path",
         f"{path!r} is not a Hugging Face model folder (no config.json); use `embedded` or a local folder",
     )
+    _check_embedded_tool(cfg)
     _check(bool(cfg.tools), "tools", "no tools configured; add one, e.g. tools=calculator")
     for name, spec in cfg.tools.items():
-        resolve_target(f"tools.{name}", spec)
+        _check_tool(f"tools.{name}", spec)
     resolve_target("parser", cfg.parser)
     resolve_target("task", cfg.task)
     resolve_target("algorithm.advantages", a.advantages)
+
+
+def _check_embedded_tool(cfg: Config) -> None:
+    tool = cfg.model.embedded_tool
+    _check(
+        tool in EMBEDDED_TOOLS,
+        "model.embedded_tool",
+        f"is {tool!r}; the embedded model can be warm-started to call "
+        f"{' or '.join(EMBEDDED_TOOLS)} (pick the tool the run configures)",
+    )
+    # The embedded model calls only the tool it was warm-started on: with the other one
+    # configured instead, no call would succeed and RL would have nothing to reinforce.
+    other = [k for k in cfg.tools if k in EMBEDDED_TOOLS and k != tool]
+    if cfg.model.path == "embedded" and other and tool not in cfg.tools:
+        raise ConfigError(
+            f"model.embedded_tool: is {tool!r} but tools configures {other[0]!r} instead; the "
+            f"embedded model calls the tool it was warm-started on: set "
+            f"model.embedded_tool={other[0]}"
+        )
+
+
+def _check_tool(where: str, spec: Target) -> None:
+    """Import the tool and any tools nested in it; a tool class may also check its arguments
+    against this machine in a static `preflight(**kwargs)` (the python tool: is bwrap here?)."""
+    obj = resolve_target(where, spec)
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    for key, value in kwargs.items():
+        nested = value.values() if isinstance(value, dict) and "_target_" not in value else [value]
+        for i, item in enumerate(nested):
+            if isinstance(item, dict) and "_target_" in item:
+                _check_tool(f"{where}.{key}[{i}]", item)
+    preflight = getattr(obj, "preflight", None)
+    if callable(preflight):
+        try:
+            preflight(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from e
 
 
 def _check_samplers(cfg: Config) -> None:

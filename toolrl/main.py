@@ -27,13 +27,14 @@ from toolrl.config import Config, ConfigError, instantiate, register, to_config,
 register()
 
 
-def resolve_model(path: str) -> str:
-    """`embedded` builds (or finds cached) the tiny default model; anything else is a folder."""
+def resolve_model(path: str, embedded_tool: str = "calculator") -> str:
+    """`embedded` builds (or finds cached) the tiny default model, warm-started to call
+    `embedded_tool`; anything else is a folder."""
     if path != "embedded":
         return path
-    from toolrl.models.tiny import build_embedded_model
+    from toolrl.models.tiny import build_embedded_model, embedded_config
 
-    return str(build_embedded_model())
+    return str(build_embedded_model(embedded_config(embedded_tool)))
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from toolrl.workers.rollout import RolloutGroup, RolloutSpec
     from toolrl.workers.train_group import TrainGroup
 
-    model_path = resolve_model(cfg.model.path)
+    model_path = resolve_model(cfg.model.path, cfg.model.embedded_tool)
     r, t = cfg.rollout, cfg.trainer
     # Workers keep warnings and errors but not vLLM's and transformers' start-up chatter,
     # so the console shows the progress bar.
@@ -66,7 +67,9 @@ def run(cfg: Config) -> dict[str, Any]:
         spec = RolloutSpec(
             model_path=model_path,
             engine=r.engine,
-            loop=LoopConfig(r.max_turns, r.max_total_tokens, r.tool_timeout_s),
+            loop=LoopConfig(
+                r.max_turns, r.max_total_tokens, r.tool_timeout_s, r.max_tool_output_tokens
+            ),
             sampler=r.sampler,
             eval_sampler=r.eval_sampler,
             parser=cfg.parser,

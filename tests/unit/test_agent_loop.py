@@ -211,15 +211,17 @@ class SlowOpen(Recorder):
 def test_parallel_calls_wait_for_one_open_and_long_output_is_cut(tok):
     rec = SlowOpen()
     two = call("a", name="rec") + "\n" + call("b", name="rec") + "<|im_end|>"
-    loop, engine, _ = make_loop(
-        tok, replies(two, "done<|im_end|>"), tools={"rec": rec}, max_tool_output_chars=20
+    loop, engine, chat = make_loop(
+        tok, replies(two, "done<|im_end|>"), tools={"rec": rec}, max_tool_output_tokens=3
     )
     t = run(loop)
     assert [e for e in rec.log if e[0] == "call"] == [("call", True), ("call", True)]
     assert sum(e[0] == "open-start" for e in rec.log) == 1 and rec.log[-1][0] == "close"
-    assert all(
-        r.content.startswith("x" * 20 + "\n[output truncated: 30") for r in t.turns[0].results
-    )
+    full = len(chat._encode_plain("x" * 50))
+    for r in t.turns[0].results:  # cut in tokens, and the model is told how many are gone
+        kept, marker = r.content.split("\n[output truncated: ")
+        assert set(kept) == {"x"} and len(chat._encode_plain(kept)) == 3, r.content
+        assert marker == f"{full - 3} more tokens]"
 
 
 def test_a_session_that_cannot_open_is_an_infra_fault(tok):

@@ -78,6 +78,18 @@ def test_validation_names_the_key(override, key):
         validate(load(override))
 
 
+def test_python_tool_sandbox_is_checked_before_ray_starts():
+    validate(load("+experiment=python_tool"))
+    with pytest.raises(ConfigError, match=r"tools\.python: .*isolation is 'docker'"):
+        validate(load("+experiment=python_tool", "tools.python.sandbox.isolation=docker"))
+    with pytest.raises(ConfigError, match=r"tools\.python: .*not an executable"):
+        validate(load("+experiment=python_tool", "tools.python.sandbox.python=/no/python"))
+    with pytest.raises(ConfigError, match=r"tools\.python: .*memory_gb"):
+        validate(load("+experiment=python_tool", "+tools.python.sandbox.memory_gb=1"))
+    with pytest.raises(ConfigError, match="model.embedded_tool"):
+        validate(load("tools=[python]"))  # the default model calls the calculator
+
+
 def test_asking_for_more_cpus_than_the_local_cluster_has_fails_early():
     with pytest.raises(ConfigError, match="ask for 9 CPUs but this machine has 2"):
         validate(load("ray.num_cpus=2", "rollout.num_workers=8"))
@@ -109,7 +121,10 @@ def test_cfg_job_prints_the_composed_config():
 
 @pytest.mark.parametrize("name", [p.stem for p in Path(CONF, "tools").glob("*.yaml")])
 def test_every_shipped_tool_instantiates(name):
-    cfg = load(f"tools=[{name}]")
+    # The embedded model is warm-started for one tool-call style; the python tool has its own.
+    cfg = load(
+        f"tools=[{name}]", f"model.embedded_tool={'python' if name == 'python' else 'calculator'}"
+    )
     validate(cfg)
     for spec in cfg.tools.values():
         tool = instantiate(spec)

@@ -8,7 +8,9 @@ on 2 cores.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import re
 import time
 from pathlib import Path
@@ -214,6 +216,55 @@ def test_cache_key_follows_the_config() -> None:
     assert tiny.config_hash(SMALL) != tiny.config_hash(other)
 
 
+PY_SMALL = dataclasses.replace(SMALL, warmstart=dataclasses.replace(SMALL.warmstart, tool="python"))
+
+
+def test_tool_styles_build_side_by_side(model_dir: Path) -> None:
+    """The python-style variant gets its own cache folder next to the calculator one."""
+    assert tiny.config_hash(PY_SMALL) != tiny.config_hash(SMALL)
+    py_dir = build_embedded_model(PY_SMALL, cache_dir=model_dir.parent.parent, warm_start=False)
+    assert py_dir.parent == model_dir.parent and py_dir != model_dir
+    assert (py_dir / "config.json").is_file() and (model_dir / "config.json").is_file()
+    info = json.loads((py_dir / "toolrl_build.json").read_text())
+    assert info["config"]["warmstart"]["tool"] == "python"
+    py_tok = AutoTokenizer.from_pretrained(py_dir)
+    assert py_tok.tokenize("4127") == ["4127"]
+    assert tiny.embedded_config("python").warmstart.tool == "python"
+    with pytest.raises(ValueError, match="calculator"):
+        tiny.embedded_config("bash")
+
+
+def test_default_build_keeps_its_folder_name() -> None:
+    # The default run's measured learning curve refers to this build; adding the tool style
+    # must not have renamed (or rebuilt) it. Change it only on purpose, and re-measure.
+    assert tiny.config_hash(EmbeddedModelConfig()) == "9ab2b9f6e0046959"
+    assert tiny.config_hash(tiny.embedded_config("calculator")) == "9ab2b9f6e0046959"
+
+
+def test_model_config_selects_the_embedded_tool(model_dir: Path) -> None:
+    from toolrl.config import Config, ConfigError, ModelConfig, validate
+
+    def config(tool: str, tools: tuple[str, ...], path: str = "embedded") -> Config:
+        specs = {
+            "calculator": {"_target_": "toolrl.tools.calculator.Calculator"},
+            "search": {"_target_": "toolrl.tools.search.SearchTool"},
+            "python": {"_target_": "toolrl.tools.calculator.Calculator"},  # any importable tool
+        }
+        model = ModelConfig(path=path, embedded_tool=tool)
+        return Config(model=model, tools={t: specs[t] for t in tools})
+
+    validate(config("calculator", ("calculator",)))
+    validate(config("python", ("python",)))
+    validate(config("calculator", ("search",)))  # another task's tool: no opinion
+    validate(config("python", ("calculator",), path=str(model_dir)))  # ignored for a folder
+    with pytest.raises(ConfigError, match="model.embedded_tool: is 'bash'"):
+        validate(config("bash", ("calculator",)))
+    with pytest.raises(ConfigError, match="set model.embedded_tool=python"):
+        validate(config("calculator", ("python",)))
+    with pytest.raises(ConfigError, match="set model.embedded_tool=calculator"):
+        validate(config("python", ("calculator", "search")))
+
+
 def test_env_var_names_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TOOLRL_CACHE", str(tmp_path))
     assert tiny.default_cache_dir() == tmp_path
@@ -267,6 +318,68 @@ def test_encode_trace_masks_exactly_the_assistant_turns(tok: Any) -> None:
         "</tool_call><|im_end|>",
         "The answer is 3901.<|im_end|>",
     ]
+
+
+@pytest.mark.parametrize(("p_correct", "op"), [(1.0, "*"), (0.0, "+")])
+def test_python_style_trace_calls_python(tok: Any, p_correct: float, op: str) -> None:
+    cfg = WarmStartConfig(tool="python", p_correct=p_correct, p_wrong_op=1.0, p_wide=0.0)
+    msgs = ws.make_trace(ws._task(cfg), cfg, random.Random(0))
+    a, b = (int(x) for x in re.findall(r"\d+", msgs[0]["content"]))
+    result = a * b if op == "*" else a + b
+    assert msgs[2] == {"role": "tool", "name": "python", "content": str(result)}
+    ids, mask = ws.encode_trace(tok, msgs, [ws.PYTHON_SCHEMA])
+    text = tok.decode(ids)
+    assert json.dumps(ws.PYTHON_SCHEMA) in text.split("<|im_end|>")[0]
+    assert "calculator" not in text
+    sampled = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert sampled == (
+        f'<tool_call>\n{{"name": "python", "arguments": {{"code": "print({a} {op} {b})"}}}}\n'
+        f"</tool_call><|im_end|>The answer is {result}.<|im_end|>"
+    )
+    assert f"<tool_response>\n{result}\n</tool_response>" in text
+
+
+def test_python_schema_is_the_sandbox_tools_own() -> None:
+    # The RL prompt renders the tool's schema(); it must be the one the model was warmed on.
+    python_exec = pytest.importorskip("toolrl.tools.python_exec")
+    assert json.dumps(python_exec.SCHEMA) == json.dumps(ws.PYTHON_SCHEMA)
+
+
+def test_measurement_reads_python_calls_without_running_them() -> None:
+    py, calc = ws.tool_style("python"), ws.tool_style("calculator")
+
+    def turn(name: str, args: dict[str, Any]) -> str:
+        return f"<tool_call>\n{json.dumps({'name': name, 'arguments': args})}\n</tool_call>"
+
+    assert ws._classify(turn("python", {"code": "print(47 * 83)"}), 47, 83, py) == (
+        "correct_call",
+        "47 * 83",
+        True,
+    )
+    assert ws._classify(turn("python", {"code": " print(47 + 83)\n"}), 47, 83, py)[:2] == (
+        "wrong_operator",
+        "47 + 83",
+    )
+    assert ws._classify(turn("python", {"code": "print(74 * 83)"}), 47, 83, py)[0] == (
+        "wrong_operands"
+    )
+    # not print(<expression>), or the other style's call: malformed, never executed
+    assert ws._classify(turn("python", {"code": "47 * 83"}), 47, 83, py) == (
+        "malformed",
+        None,
+        None,
+    )
+    assert ws._classify(turn("python", {"code": "import os"}), 47, 83, py)[1] is None
+    assert ws._classify(turn("calculator", {"expression": "47 * 83"}), 47, 83, py)[0] == (
+        "malformed"
+    )
+    assert ws._classify(turn("python", {"code": "print(47 * 83)"}), 47, 83, calc)[0] == (
+        "malformed"
+    )
+    assert ws._classify(turn("calculator", {"expression": "47 * 83"}), 47, 83, calc)[0] == (
+        "correct_call"
+    )
+    assert ws._classify("The answer is 3901.", 47, 83, py) == ("no_call", None, None)
 
 
 def test_digit_embedding_is_a_sum_over_places(tok: Any) -> None:

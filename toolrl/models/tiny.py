@@ -10,9 +10,12 @@ rendered synthetic conversations keep the prompt short (about 80 tokens with the
 `build_embedded_model()` returns a Hugging Face folder that `AutoTokenizer`,
 `AutoModelForCausalLM` and vLLM load; by default the weights are warm-started
 (`toolrl.models.warmstart`) so that RL on the arithmetic task has something to improve.
+`embedded_config("python")` is the variant warm-started to call the python sandbox tool
+instead of the calculator; each variant has its own cache folder.
 
-    python -m toolrl.models.tiny            # build (or find in the cache) and print the path
-    python -m toolrl.models.tiny --vllm     # ... and check that vLLM CPU loads and samples it
+    python -m toolrl.models.tiny                 # build (or find in the cache) and print the path
+    python -m toolrl.models.tiny --tool python   # the variant that calls `python`
+    python -m toolrl.models.tiny --vllm          # ... and check that vLLM CPU loads and samples it
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolrl.models.warmstart import WarmStartConfig
+from toolrl.models.warmstart import WarmStartConfig, tool_style
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +252,18 @@ def model_config(cfg: EmbeddedModelConfig, tokenizer: Any) -> Any:
     )
 
 
+def embedded_config(tool: str = "calculator") -> EmbeddedModelConfig:
+    """The default embedded model warm-started to call `tool` ("calculator" or "python")."""
+    tool_style(tool)  # raises ValueError naming the choices
+    return EmbeddedModelConfig(warmstart=WarmStartConfig(tool=tool))
+
+
 def config_hash(cfg: EmbeddedModelConfig) -> str:
-    blob = json.dumps({"v": CODE_VERSION, "cfg": dataclasses.asdict(cfg)}, sort_keys=True)
+    fields = dataclasses.asdict(cfg)
+    if fields["warmstart"]["tool"] == "calculator":
+        # Builds from before the field existed were calculator builds: keep their folder names.
+        del fields["warmstart"]["tool"]
+    blob = json.dumps({"v": CODE_VERSION, "cfg": fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -331,7 +344,7 @@ def build_embedded_model(
     return final
 
 
-def _check_vllm(path: Path) -> None:
+def _check_vllm(path: Path, tool: str) -> None:
     """Load the folder in vLLM CPU and sample one turn of an arithmetic prompt."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoTokenizer
@@ -344,7 +357,7 @@ def _check_vllm(path: Path) -> None:
     task = ArithmeticTask()
     text = tok.apply_chat_template(
         task.prompts("eval")[0].messages,
-        tools=task.tools_schemas,
+        tools=[tool_style(tool).schema],
         add_generation_prompt=True,
         tokenize=False,
     )
@@ -358,7 +371,8 @@ def _check_vllm(path: Path) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    path = build_embedded_model(warm_start="--no-warm-start" not in sys.argv)
+    tool = sys.argv[sys.argv.index("--tool") + 1] if "--tool" in sys.argv else "calculator"
+    path = build_embedded_model(embedded_config(tool), warm_start="--no-warm-start" not in sys.argv)
     print(path)
     if "--vllm" in sys.argv:
-        _check_vllm(path)
+        _check_vllm(path, tool)

@@ -9,6 +9,11 @@ an easy way up, while every trace copies exactly:
     wrong op  (p_wrong_op)  <tool_call> 47 + 83 </tool_call> -> 130  -> "The answer is 130."
     no call   (the rest)    "The answer is 5712."  (a random wrong guess)
 
+`WarmStartConfig.tool` picks the tool the traces call (`ToolStyle`): "calculator" with
+{"expression": "47 * 83"}, or "python" with {"code": "print(47 * 83)"}, whose answer is what
+the program prints. The prompt renders that tool's schema, which must be exactly the schema
+the RL run's tool returns (`PYTHON_SCHEMA` for the python sandbox tool).
+
 The decision (call or not, which operator) is one or two tokens, which RL moves quickly.
 Traces use train operand pairs of `toolrl.data.arithmetic` and "wide" pairs outside the
 task's range; eval pairs never appear.
@@ -26,8 +31,9 @@ traces; with both, operands and results were copied by step 50-100):
 `measure_modes` samples a model at temperature 1 on eval prompts with a minimal loop (plain
 transformers, no vLLM) and reports the behaviour mix; `bench/warmstart_modes.py` prints it.
 
-    python -m toolrl.models.tiny            # builds and warm-starts the default model
-    python bench/warmstart_modes.py         # behaviour mix of the built model
+    python -m toolrl.models.tiny                  # builds and warm-starts the default model
+    python -m toolrl.models.tiny --tool python    # ... the variant that calls `python`
+    python bench/warmstart_modes.py [--tool python]   # behaviour mix of the built model
 """
 
 from __future__ import annotations
@@ -46,10 +52,65 @@ import torch
 import torch.nn.functional as F
 
 from toolrl.data.arithmetic import ArithmeticConfig, ArithmeticTask, last_integer
+from toolrl.tools.calculator import CALCULATOR_SCHEMA
 
 log = logging.getLogger(__name__)
 
 ANSWER = "The answer is {}."
+
+# The python sandbox tool's schema; its schema() must return exactly this, or the RL prompt
+# differs from the one the embedded model was warm-started on.
+PYTHON_SCHEMA: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "python",
+        "description": "Run Python code in a sandbox and return what it prints.",
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "description": "Python source to run"}},
+            "required": ["code"],
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class ToolStyle:
+    """How traces call the arithmetic tool: its name, schema and the one argument's shape.
+
+    `wrap` turns an expression into the argument ("{}" or "print({})"); `expression` undoes
+    it on a sampled call (by regex only: model text is never executed).
+    """
+
+    name: str
+    schema: dict[str, Any]
+    arg: str
+    wrap: str
+
+    def arguments(self, expression: str) -> dict[str, str]:
+        return {self.arg: self.wrap.format(expression)}
+
+    def expression(self, arguments: Any) -> str | None:
+        """The expression inside a call's arguments, or None if they do not have its shape."""
+        value = arguments.get(self.arg) if isinstance(arguments, dict) else None
+        if value is None:
+            return None
+        prefix, suffix = self.wrap.split("{}")
+        m = re.fullmatch(rf"{re.escape(prefix)}(.*){re.escape(suffix)}", str(value).strip(), re.S)
+        return m.group(1) if m else None
+
+
+TOOL_STYLES: dict[str, ToolStyle] = {
+    "calculator": ToolStyle("calculator", CALCULATOR_SCHEMA, "expression", "{}"),
+    "python": ToolStyle("python", PYTHON_SCHEMA, "code", "print({})"),
+}
+
+
+def tool_style(name: str) -> ToolStyle:
+    """The style named `name` ("calculator" or "python"); ValueError for any other."""
+    if name not in TOOL_STYLES:
+        raise ValueError(f"tool must be one of {tuple(TOOL_STYLES)}, got {name!r}")
+    return TOOL_STYLES[name]
 
 
 @dataclass
@@ -77,6 +138,9 @@ class WarmStartConfig:
     max_operand: int = 99
     eval_fraction: float = 0.1
     log_every: int = 50
+    # The tool the traces call: "calculator" or "python" (see ToolStyle). Left out of the
+    # cache key when "calculator", so the default build kept its folder name.
+    tool: str = "calculator"
 
 
 def _task(cfg: WarmStartConfig) -> ArithmeticTask:
@@ -92,10 +156,10 @@ def _task(cfg: WarmStartConfig) -> ArithmeticTask:
     )
 
 
-def _call(expression: str) -> dict[str, Any]:
+def _call(style: ToolStyle, expression: str) -> dict[str, Any]:
     return {
         "type": "function",
-        "function": {"name": "calculator", "arguments": {"expression": expression}},
+        "function": {"name": style.name, "arguments": style.arguments(expression)},
     }
 
 
@@ -113,7 +177,9 @@ def _wide_pair(task: ArithmeticTask, rng: random.Random) -> tuple[int, int]:
 def make_trace(
     task: ArithmeticTask, cfg: WarmStartConfig, rng: random.Random
 ) -> list[dict[str, Any]]:
-    """One synthetic conversation (user, then assistant/tool turns) on a train or wide pair."""
+    """One synthetic conversation (user, then assistant/tool turns) on a train or wide pair,
+    calling the tool of `cfg.tool`."""
+    style = tool_style(cfg.tool)
     if rng.random() < cfg.p_wide:
         a, b = _wide_pair(task, rng)
     else:
@@ -124,8 +190,9 @@ def make_trace(
     if u < cfg.p_correct + cfg.p_wrong_op:
         op = "*" if u < cfg.p_correct else cfg.wrong_op
         result = {"*": a * b, "+": a + b, "-": a - b}[op]
-        msgs.append({"role": "assistant", "content": "", "tool_calls": [_call(f"{a} {op} {b}")]})
-        msgs.append({"role": "tool", "name": "calculator", "content": str(result)})
+        call = _call(style, f"{a} {op} {b}")
+        msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        msgs.append({"role": "tool", "name": style.name, "content": str(result)})
         msgs.append({"role": "assistant", "content": ANSWER.format(result)})
     else:
         guess = a * b
@@ -138,10 +205,9 @@ def make_trace(
 def corpus_texts(tokenizer: Any, cfg: WarmStartConfig, n: int) -> list[str]:
     """Rendered synthetic conversations: the corpus the tokenizer's text merges are learned on."""
     task, rng = _task(cfg), random.Random(f"corpus:{cfg.seed}")
+    tools = [tool_style(cfg.tool).schema]
     return [
-        tokenizer.apply_chat_template(
-            make_trace(task, cfg, rng), tools=task.tools_schemas, tokenize=False
-        )
+        tokenizer.apply_chat_template(make_trace(task, cfg, rng), tools=tools, tokenize=False)
         for _ in range(n)
     ]
 
@@ -177,9 +243,9 @@ def _batch(
     tokenizer: Any, task: ArithmeticTask, cfg: WarmStartConfig, rng: random.Random
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A right-padded batch: ids [B, T] and mask [B, T] (1 where the id is a training target)."""
+    tools = [tool_style(cfg.tool).schema]
     rows = [
-        encode_trace(tokenizer, make_trace(task, cfg, rng), task.tools_schemas)
-        for _ in range(cfg.batch_size)
+        encode_trace(tokenizer, make_trace(task, cfg, rng), tools) for _ in range(cfg.batch_size)
     ]
     T = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
@@ -325,12 +391,14 @@ _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _EXPR = re.compile(r"^\s*(-?\d+)\s*([-+*/])\s*(-?\d+)\s*$")
 
 
-def _parse_call(text: str) -> tuple[str, str] | None:
-    """(name, expression) of the first tool call in `text`, or None if it is malformed."""
+def _parse_call(text: str, style: ToolStyle) -> tuple[str, str] | None:
+    """(name, expression) of the first tool call in `text`, or None if it is malformed (not
+    JSON, or its arguments not of the style's shape, e.g. python code that is not print(...))."""
     m = _CALL.search(text)
     try:
         call = json.loads(m.group(1)) if m else None
-        return str(call["name"]), str(call["arguments"]["expression"])
+        expression = style.expression(call["arguments"])
+        return None if expression is None else (str(call["name"]), expression)
     except (TypeError, KeyError, ValueError):
         return None
 
@@ -363,13 +431,13 @@ def _sample_ids(
     return rows
 
 
-def _tool_glue(tokenizer: Any, tools: list[dict[str, Any]], content: str) -> str:
+def _tool_glue(tokenizer: Any, tools: list[dict[str, Any]], name: str, content: str) -> str:
     """Text the template puts after an assistant's `<|im_end|>` for one tool answer, through
     the next assistant header (append-only, as the rollout's token builder does)."""
     probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
     short = tokenizer.apply_chat_template(probe, tools=tools, tokenize=False)
     full = tokenizer.apply_chat_template(
-        probe + [{"role": "tool", "name": "calculator", "content": content}],
+        probe + [{"role": "tool", "name": name, "content": content}],
         tools=tools,
         tokenize=False,
         add_generation_prompt=True,
@@ -379,12 +447,12 @@ def _tool_glue(tokenizer: Any, tools: list[dict[str, Any]], content: str) -> str
     return short[short.rfind(end) + len(end) :] + full[len(short) :]
 
 
-def _classify(text: str, a: int, b: int) -> tuple[str, str | None, bool | None]:
+def _classify(text: str, a: int, b: int, style: ToolStyle) -> tuple[str, str | None, bool | None]:
     """(mode, expression to run or None, operands copied right or None) of a first turn."""
     if "<tool_call>" not in text:
         return "no_call", None, None
-    call = _parse_call(text)
-    m = _EXPR.match(call[1]) if call and call[0] == "calculator" else None
+    call = _parse_call(text, style)
+    m = _EXPR.match(call[1]) if call and call[0] == style.name else None
     if m is None:
         return "malformed", call[1] if call else None, None
     ok = (int(m.group(1)), int(m.group(3))) == (a, b)
@@ -394,15 +462,26 @@ def _classify(text: str, a: int, b: int) -> tuple[str, str | None, bool | None]:
 
 
 def measure_modes(
-    model: Any, tokenizer: Any, task: ArithmeticTask | None = None, n: int = 200, seed: int = 0
+    model: Any,
+    tokenizer: Any,
+    task: ArithmeticTask | None = None,
+    n: int = 200,
+    seed: int = 0,
+    tool: str = "calculator",
 ) -> dict[str, float]:
-    """Sample one episode per eval prompt at temperature 1 (call, calculator, answer) and
-    report the behaviour mix, the copy accuracies and the mean reward."""
+    """Sample one episode per eval prompt at temperature 1 (call, tool, answer) and report the
+    behaviour mix, the copy accuracies and the mean reward.
+
+    `tool` is the style the model was warm-started with; its schema is rendered. The tool is
+    stood in for by the calculator on the call's expression (for python, the inside of
+    `print(...)`): no model text is executed.
+    """
     from toolrl.tools.calculator import Calculator
 
     task = task or ArithmeticTask()
     prompts = task.prompts("eval")[:n]
-    tools, calc = task.tools_schemas, Calculator()
+    style = tool_style(tool)
+    tools, calc = [style.schema], Calculator()
     torch.manual_seed(seed)
     model.eval()
     ids0 = [
@@ -419,15 +498,16 @@ def measure_modes(
     for i, (p, new) in enumerate(zip(prompts, turn1, strict=True)):
         a, b = (int(x) for x in re.findall(r"\d+", p.messages[0]["content"]))
         text = tokenizer.decode(new, skip_special_tokens=False)
-        mode, expr, ok = _classify(text, a, b)
+        mode, expr, ok = _classify(text, a, b, style)
         modes.append(mode)
         finals.append(tokenizer.decode(new, skip_special_tokens=True))
         if ok is not None:
             ops_ok.append(ok)
         if expr is not None:
             result, _ = asyncio.run(calc.call("measure", {"expression": expr}))
-            glue = tokenizer.encode(_tool_glue(tokenizer, tools, result), add_special_tokens=False)
-            second.append((i, result, ids0[i] + new + glue))
+            glue = _tool_glue(tokenizer, tools, style.name, result)
+            glue_ids = tokenizer.encode(glue, add_special_tokens=False)
+            second.append((i, result, ids0[i] + new + glue_ids))
     if second:
         turn2 = _sample_ids(model, tokenizer, [s[2] for s in second], max_new=24)
         for (i, result, _), new in zip(second, turn2, strict=True):

@@ -36,7 +36,7 @@ class LoopConfig:
     max_turns: int = 3
     max_total_tokens: int = 512
     tool_timeout_s: float = 10.0
-    max_tool_output_chars: int = 2000  # longer answers are cut, with a marker the model reads
+    max_tool_output_tokens: int = 256  # longer answers are cut, with a marker the model reads
 
 
 @dataclass
@@ -143,7 +143,8 @@ class AgentLoop:
             return ToolResult(
                 call.name, f"Error: {call.name} failed: {type(e).__name__}: {e}", False
             )
-        return ToolResult(call.name, _truncate(str(text), self.cfg.max_tool_output_chars), bool(ok))
+        text = self.chat.truncate(str(text), self.cfg.max_tool_output_tokens)
+        return ToolResult(call.name, text, bool(ok))
 
 
 class _Sessions:
@@ -173,12 +174,6 @@ class _Sessions:
         await asyncio.gather(
             *(self.tools[n].close(self.key) for n in opened), return_exceptions=True
         )
-
-
-def _truncate(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f"\n[output truncated: {len(text) - limit} more characters]"
 
 
 async def _gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:

@@ -1,0 +1,117 @@
+"""`python -m toolrl.check_template` on the embedded model and on folders with real templates.
+
+The real templates are read from installed packages at test time (trl's Llama 3.1 and
+Qwen3 files, mistral_common's generated Mistral one) and saved into a temporary model
+folder with the embedded tokenizer; nothing is committed or downloaded.
+
+    python -m pytest tests/unit/test_check_template.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from toolrl.check_template import main
+
+LLAMA = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+MISTRAL = ["<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]"]
+MISTRAL += ["[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[ARGS]", "[CALL_ID]"]
+
+
+def trl_template_file(name: str) -> Path:
+    spec = importlib.util.find_spec("trl")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps trl==1.16.0"
+    return Path(spec.submodule_search_locations[0]) / "chat_templates" / name
+
+
+def mistral_v11_template() -> str:
+    from mistral_common.integrations.chat_templates.chat_templates import generate_chat_template
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+
+    flags = ("spm", "image_support", "audio_support", "thinking_support", "plain_thinking_support")
+    flags += ("use_special_token_variables",)
+    unset = ("default_system_prompt", "model_settings_fields", "reasoning_effort_values")
+    unset += ("reasoning_effort_default",)
+    kwargs: dict[str, Any] = {**dict.fromkeys(flags, False), **dict.fromkeys(unset)}
+    return generate_chat_template(tokenizer_version=TokenizerVersion.v11, **kwargs)
+
+
+def model_folder(base: str, out: Path, specials: list[str], eos: str, template: str) -> Path:
+    """The embedded tokenizer with a family's control tokens, eos and template, saved to `out`."""
+    from transformers import AutoTokenizer
+
+    tok: Any = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(specials, special_tokens=True)
+    tok.eos_token, tok.bos_token = eos, specials[0]
+    tok.chat_template = template
+    tok.save_pretrained(out)
+    return out
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_embedded_model_is_usable(embedded_base: str, capsys) -> None:
+    code, out = run(capsys, embedded_base)
+    assert code == 0, out
+    assert "end-of-turn token: '<|im_end|>'" in out
+    assert "tool turns append-only: yes" in out
+    glue = "'\\n<|im_start|>user\\n<tool_response>\\nRESULT\\n</tool_response><|im_end|>\\n"
+    assert glue + "<|im_start|>assistant\\n' ids=[" in out
+    assert "renders tool schemas: yes" in out and "tool output written: as is" in out
+    assert "strips reasoning from earlier turns: no" in out
+    assert "parser: hermes (conf/parser/hermes.yaml" in out and "parses the template's own" in out
+    assert out.rstrip().endswith("usable: yes")
+
+
+def test_real_llama3_1_template_in_a_model_folder(embedded_base: str, tmp_path, capsys) -> None:
+    template = trl_template_file("llama3_1.jinja").read_text()
+    folder = model_folder(embedded_base, tmp_path / "llama", LLAMA, "<|eot_id|>", template)
+    code, out = run(capsys, str(folder))
+    assert code == 0, out
+    assert "end-of-turn token: '<|eot_id|>'" in out
+    assert '<|start_header_id|>ipython<|end_header_id|>\\n\\n"RESULT"<|eot_id|>' in out
+    assert "tool output written: JSON string" in out
+    assert "parser: llama3_json" in out
+
+
+def test_template_override_and_refusals(embedded_base: str, tmp_path, capsys) -> None:
+    # Qwen3 over the embedded folder: usable, and it drops reasoning of earlier turns
+    code, out = run(capsys, embedded_base, "--template", str(trl_template_file("qwen3.jinja")))
+    assert code == 0 and "strips reasoning from earlier turns: yes" in out, out
+    # Llama 3.1's turns end with <|eot_id|>, not the folder's eos <|im_end|>
+    code, out = run(capsys, embedded_base, "--template", str(trl_template_file("llama3_1.jinja")))
+    assert code == 1 and "tool turns append-only: no: assistant turns with tool calls" in out
+    assert "usable: no: the token builder refuses the template" in out
+    # Mistral writes sampled call ids into the tool turn
+    folder = model_folder(embedded_base, tmp_path / "m", MISTRAL, "</s>", mistral_v11_template())
+    code, out = run(capsys, str(folder))
+    assert code == 1 and "call ids" in out and "parser: mistral" in out, out
+
+
+def test_bad_paths_exit_2_and_a_missing_template_exits_1(embedded_base, tmp_path, capsys) -> None:
+    assert run(capsys, str(tmp_path / "nope"))[0] == 2
+    assert run(capsys, embedded_base, "--template", str(tmp_path / "nope.jinja"))[0] == 2
+    assert run(capsys, str(tmp_path))[0] == 2  # a folder without a tokenizer
+    folder = model_folder(embedded_base, tmp_path / "bare", LLAMA, "<|eot_id|>", "")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    code, out = run(capsys, str(folder))
+    assert code == 1 and "no chat template" in out, out
+
+
+def test_runs_as_a_module(embedded_base: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "toolrl.check_template", embedded_base],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usable: yes" in proc.stdout

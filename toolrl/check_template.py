@@ -1,0 +1,215 @@
+"""Check whether a model folder's chat template works with toolrl's multi-turn token builder.
+
+Before training a model with tools, run
+
+    python -m toolrl.check_template MODEL_DIR
+    python -m toolrl.check_template MODEL_DIR --template fixed.jinja   # try another template
+
+It loads the tokenizer from the local folder (no downloads), builds the append-only
+`ChatBuilder` with a probe tool, and prints: the end-of-turn token the engine stops at,
+whether tool turns are append-only (and if not, the builder's reason), the ids and text the
+builder appends after a tool-calling turn, how the template writes a tool's text, whether
+it renders tool schemas, whether it drops reasoning of earlier turns, and which parser in
+conf/parser/ matches its tool-call format. Exit status: 0 usable, 1 not usable, 2 bad path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolrl.rollout.chat import ChatBuilder, TemplateError
+from toolrl.rollout.parsers.base import Parser
+from toolrl.rollout.parsers.hermes import HermesParser
+from toolrl.rollout.parsers.llama3_json import Llama3JsonParser
+from toolrl.rollout.parsers.mistral import MistralParser
+from toolrl.rollout.parsers.pythonic import PythonicParser
+from toolrl.rollout.parsers.qwen3_coder import Qwen3CoderParser
+from toolrl.rollout.trajectory import ToolResult
+
+PROBE_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "toolrl_probe",
+        "description": "Probe tool of toolrl.check_template.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+PROBE_ARGS = {"city": "Paris"}
+PROBE_REASONING = "toolrl-probe-reasoning"
+_USER = {"role": "user", "content": "Weather in Paris?"}
+# conf/parser/<name>.yaml by the markers of the format, most specific first: Qwen3-Coder's
+# XML also sits in <tool_call>, and Llama 3.1 writes "parameters" where Hermes has "arguments".
+PARSERS: tuple[tuple[str, re.Pattern[str], type], ...] = (
+    ("qwen3_coder", re.compile(r"<function="), Qwen3CoderParser),
+    ("hermes", re.compile(r"<tool_call>"), HermesParser),
+    ("mistral", re.compile(r"\[TOOL_CALLS\]"), MistralParser),
+    ("llama3_json", re.compile(r'<\|python_tag\|>|"parameters"'), Llama3JsonParser),
+    ("pythonic", re.compile(r"\[\w+\(\w+="), PythonicParser),
+)
+
+
+@dataclass
+class Report:
+    """What the check found; `problems` empty means the template is usable."""
+
+    eos: str | None = None
+    eos_id: int | None = None
+    append_only: str = "not checked"
+    glue_text: str | None = None
+    glue_ids: list[int] = field(default_factory=list)
+    content_form: str | None = None
+    renders_tools: str = "not checked"
+    strips_reasoning: str = "not checked"
+    parser: str = "unknown"
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        glue = f"{self.glue_text!r} ids={self.glue_ids}" if self.glue_text is not None else "-"
+        verdict = "yes" if self.usable else "no: " + "; ".join(self.problems)
+        return [
+            f"end-of-turn token: {self.eos!r} (id {self.eos_id})",
+            f"tool turns append-only: {self.append_only}",
+            f"glue after a tool-calling turn (one answer 'RESULT'): {glue}",
+            f"tool output written: {self.content_form or '-'}",
+            f"renders tool schemas: {self.renders_tools}",
+            f"strips reasoning from earlier turns: {self.strips_reasoning}",
+            f"tool-call format looks like parser: {self.parser}",
+            f"usable: {verdict}",
+        ]
+
+
+def _render(tok: Any, messages: list[dict[str, Any]], tools: list | None, gen: bool) -> str:
+    return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, tokenize=False)
+
+
+def _check_eos(tok: Any, report: Report) -> None:
+    report.eos = tok.eos_token
+    if report.eos is None:
+        report.problems.append("the tokenizer has no eos token")
+        return
+    report.eos_id = tok.convert_tokens_to_ids(report.eos)
+    if tok.encode(report.eos, add_special_tokens=False) != [report.eos_id]:
+        report.problems.append(f"{report.eos!r} is not a single token the engine can stop at")
+
+
+def _check_builder(tok: Any, report: Report) -> None:
+    try:
+        chat = ChatBuilder(tok, [PROBE_TOOL])
+    except TemplateError as e:
+        report.append_only = f"no: {e}"
+        report.problems.append(f"the token builder refuses the template: {e}")
+        return
+    report.append_only = "yes"
+    report.glue_ids = chat.tool_turn_ids([ToolResult("toolrl_probe", "RESULT")])
+    report.glue_text = chat.decode(report.glue_ids)
+    report.content_form = chat.content_form
+
+
+def _check_renders(tok: Any, report: Report) -> None:
+    """Tool schemas and reasoning; a template that raises on these probes says so."""
+    try:
+        with_tools = _render(tok, [_USER], [PROBE_TOOL], gen=True)
+        report.renders_tools = "yes" if "toolrl_probe" in with_tools else "no"
+        if report.renders_tools == "no":
+            report.problems.append("the template does not show the tools' schemas to the model")
+    except Exception as e:  # the template's raise_exception() or a field it lacks
+        report.renders_tools = f"error: {type(e).__name__}: {e}"
+        report.problems.append("the template cannot render a prompt with tools")
+    turn = {"role": "assistant", "content": f"<think>\n{PROBE_REASONING}\n</think>\n\nSunny."}
+    try:
+        text = _render(tok, [_USER, turn, {"role": "user", "content": "And?"}], None, gen=True)
+        kept = PROBE_REASONING in text
+        report.strips_reasoning = "no (kept as written)" if kept else "yes (the builder keeps it)"
+    except Exception as e:
+        report.strips_reasoning = f"error: {type(e).__name__}: {e}"
+
+
+def _call_text(tok: Any) -> str:
+    """The template's own rendering of an assistant turn with one probe call, or ''."""
+    call = {"id": "probe0001", "type": "function"}
+    call["function"] = {"name": "toolrl_probe", "arguments": PROBE_ARGS}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    try:
+        prompt = _render(tok, [_USER], [PROBE_TOOL], gen=True)
+        full = _render(tok, [_USER, turn], [PROBE_TOOL], gen=False)
+    except Exception:
+        return ""
+    return full[len(prompt) :] if full.startswith(prompt) else full
+
+
+def _check_parser(tok: Any, report: Report) -> None:
+    """Guess the parser from the markers in a rendered call (else in the template source),
+    and say whether that parser reads the template's own call back."""
+    call_text = _call_text(tok)
+    source = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    for text, where in ((call_text, "rendered call"), (source, "template source")):
+        for name, marker, cls in PARSERS:
+            if marker.search(text):
+                report.parser = f"{name} (conf/parser/{name}.yaml; from the {where}"
+                report.parser += _reads_back(cls(), call_text) + ")"
+                return
+    report.parser = "unknown: no known tool-call marker; write a parser for this format"
+
+
+def _reads_back(parser: Parser, call_text: str) -> str:
+    if not call_text:
+        return ""
+    calls = parser(call_text).calls
+    ok = [(c.name, c.arguments) for c in calls] == [("toolrl_probe", PROBE_ARGS)]
+    return ", it parses the template's own call" if ok else ", it does NOT parse its own call"
+
+
+def check(tok: Any) -> Report:
+    """Run every check on a tokenizer that carries its chat template."""
+    report = Report()
+    if not tok.chat_template:
+        report.problems.append("the tokenizer has no chat template (give one with --template)")
+        return report
+    _check_eos(tok, report)
+    _check_builder(tok, report)
+    _check_renders(tok, report)
+    _check_parser(tok, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the report for MODEL_DIR; return 0 usable, 1 not usable, 2 bad path."""
+    ap = argparse.ArgumentParser(prog="python -m toolrl.check_template", description=__doc__)
+    ap.add_argument("model_dir", type=Path, help="local folder with the tokenizer files")
+    ap.add_argument("--template", type=Path, help="a .jinja file to use as the chat template")
+    args = ap.parse_args(argv)
+    if not args.model_dir.is_dir():
+        print(f"error: {args.model_dir} is not a folder", file=sys.stderr)
+        return 2
+    if args.template is not None and not args.template.is_file():
+        print(f"error: {args.template} is not a file", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(args.model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        print(f"error: no tokenizer in {args.model_dir}: {e}", file=sys.stderr)
+        return 2
+    if args.template is not None:
+        tok.chat_template = args.template.read_text()
+    report = check(tok)
+    print("\n".join(report.lines()))
+    return 0 if report.usable else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
