@@ -199,8 +199,61 @@ def test_llama3_malformed_call_keeps_neighbours() -> None:
 
 def test_mistral_content_before_marker_and_call_id() -> None:
     turn = MistralParser()('Sure.[TOOL_CALLS]f[CALL_ID]a1b2c3d4e[ARGS]{"a": 1}</s>')
-    assert turn == ParsedTurn("Sure.", [ToolCall("f", {"a": 1})], [])
+    assert turn == ParsedTurn("Sure.", [ToolCall("f", {"a": 1}, id="a1b2c3d4e")], [])
     assert MistralParser()("Plain answer.</s>") == ParsedTurn("Plain answer.")
+
+
+IDS = ["a1b2c3d4e", "Zyx987654", "000000007", "QqQqQqQqQ", "abcdefghi"]
+
+
+def mistral_v11_id_turn(calls: list[tuple[str, Args]]) -> str:
+    return (
+        "".join(
+            f"[TOOL_CALLS]{n}[CALL_ID]{i}[ARGS]{json.dumps(a)}"
+            for (n, a), i in zip(calls, IDS, strict=False)
+        )
+        + "</s>"
+    )
+
+
+def mistral_array_id_turn(calls: list[tuple[str, Args]]) -> str:
+    payload = [{"name": n, "arguments": a, "id": i} for (n, a), i in zip(calls, IDS, strict=False)]
+    return f"[TOOL_CALLS]{json.dumps(payload)}</s>"
+
+
+@pytest.mark.parametrize("write", [mistral_v11_id_turn, mistral_array_id_turn])
+@pytest.mark.parametrize("calls", CORPUS)
+def test_mistral_call_ids_round_trip(write, calls: list[tuple[str, Args]]) -> None:
+    turn = MistralParser()(write(calls))
+    expected = [ToolCall(n, a, id=i) for (n, a), i in zip(calls, IDS, strict=False)]
+    assert turn == ParsedTurn("", expected, [])
+
+
+def test_mistral_call_ids_missing_or_malformed() -> None:
+    # v11: the id is the text between [CALL_ID] and [ARGS], stripped; none without [CALL_ID]
+    text = "[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]g[CALL_ID] a1b2c3d4e [ARGS]{}"
+    text += "[TOOL_CALLS]h[CALL_ID][ARGS]{}[TOOL_CALLS]k[CALL_ID]Zyx987654[ARGS]{"
+    turn = MistralParser()(text)
+    assert [(c.name, c.id) for c in turn.calls] == [("f", None), ("g", "a1b2c3d4e"), ("h", None)]
+    assert turn.errors == [
+        "tool call 4: invalid JSON: Expecting property name enclosed in double quotes at char 1"
+    ]
+    # v3: a string "id" is kept; a missing, empty or non-string one gives None; a malformed
+    # call between two others leaves their ids alone
+    turn = MistralParser(max_parallel_calls=8)(
+        '[TOOL_CALLS][{"name": "f", "arguments": {}, "id": "a1b2c3d4e"}, '
+        '{"name": "g", "arguments": {}}, {"name": "bad" "arguments": {}, "id": "Zyx987654"}, '
+        '{"name": "h", "arguments": {}, "id": 123456789}, {"name": "k", "arguments": {}, '
+        '"id": ""}, {"name": "m", "arguments": {}, "id": "QqQqQqQqQ"}]'
+    )
+    assert [(c.name, c.id) for c in turn.calls] == [
+        ("f", "a1b2c3d4e"),
+        ("g", None),
+        ("h", None),
+        ("k", None),
+        ("m", "QqQqQqQqQ"),
+    ]
+    assert turn.errors == ["tool call 3: invalid JSON: Expecting ',' delimiter at char 15"]
 
 
 def test_mistral_malformed_calls_keep_neighbours() -> None:

@@ -29,16 +29,31 @@ TIMEOUT = 2.0
 SECRET = "toolrl-test-secret-4242"
 
 
+# As root each sandbox runs as a uid of its own from uid_base on: a range for this process
+# tells its sandboxes apart from those of other jobs on the machine, even once orphaned.
+UID_BASE = 1_000_000_000 + (os.getpid() % 1000) * 1_000_000  # below 2**31 for bwrap
+
+
+def _ours(pid: str) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    if os.geteuid() == 0:
+        return UID_BASE <= int(status["Uid"].split()[0]) < UID_BASE + 1_000_000
+    parent = int(status["PPid"])  # not root: a descendant of this process
+    return parent == os.getpid() or (parent > 1 and _ours(str(parent)))
+
+
 def _sandbox_pids() -> set[int]:
-    """Pids of every live sandbox process on this machine (its worker source is in argv)."""
+    """Pids of this test process's live sandbox processes (the worker source is in argv)."""
     pids = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"_LIMITS = {" in f.read():
+                argv = f.read()
+                if (b"bwrap" in argv or b"_LIMITS = {" in argv) and _ours(pid):
                     pids.add(int(pid))
-        except OSError:
-            pass
+        except (OSError, KeyError, ValueError):
+            pass  # it ended while we looked
     return pids
 
 
@@ -48,7 +63,8 @@ def run(script: Callable[[PythonTool], Awaitable[None]], **kwargs: object) -> No
     os.environ["TOOLRL_SECRET"] = SECRET  # a host secret that must never be readable inside
 
     async def main() -> None:
-        tool = PythonTool(**{"timeout_s": TIMEOUT, "pool_size": 2, **kwargs})
+        sandbox = {"uid_base": UID_BASE, **kwargs.pop("sandbox", {})}  # type: ignore[dict-item]
+        tool = PythonTool(**{"timeout_s": TIMEOUT, "pool_size": 2, "sandbox": sandbox, **kwargs})
         try:
             await script(tool)
         finally:
@@ -385,6 +401,23 @@ def test_cpu_limit_kills_a_spinning_session() -> None:
         await still_works(tool)
 
     run(script, timeout_s=10.0, sandbox={"cpu_seconds": 1})
+
+
+def test_works_under_uvloop_as_in_a_ray_actor() -> None:
+    """Ray runs async actors on uvloop, whose subprocess support differs from asyncio's."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> tuple[str, bool]:
+        tool = PythonTool(timeout_s=TIMEOUT, pool_size=1)
+        try:
+            await tool.open("t")
+            await tool.call("t", {"code": "x = 6"})
+            return await tool.call("t", {"code": "x * 7"})
+        finally:
+            await tool.close("t")
+            await tool.pool.close()
+
+    assert uvloop.run(main()) == ("42", True)
 
 
 def test_bad_config_says_what_to_change() -> None:

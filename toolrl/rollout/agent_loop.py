@@ -117,7 +117,8 @@ class AgentLoop:
         """Run a turn's calls concurrently; parse errors become answers the model reads.
 
         Every call finishes (or times out) before an infra fault propagates, so no call is
-        left running against a session that the trajectory's end is about to close."""
+        left running against a session that the trajectory's end is about to close. Each
+        answer carries its call's id; a parse error's answer has none (`call_id` None)."""
         results = await _gather_all(self._call(sessions, c) for c in parsed.calls)
         return results + [ToolResult("error", f"Error: {e}", ok=False) for e in parsed.errors]
 
@@ -126,7 +127,7 @@ class AgentLoop:
         if tool is None:
             known = ", ".join(sorted(self.tools))
             return ToolResult(
-                call.name, f"Error: unknown tool {call.name!r}; tools: {known}", False
+                call.name, f"Error: unknown tool {call.name!r}; tools: {known}", False, call.id
             )
         try:
             await sessions.open(call.name)
@@ -135,16 +136,16 @@ class AgentLoop:
             )
         except TimeoutError:
             return ToolResult(
-                call.name, f"Error: timed out after {self.cfg.tool_timeout_s:g}s", False
+                call.name, f"Error: timed out after {self.cfg.tool_timeout_s:g}s", False, call.id
             )
         except ToolInfraError:
             raise
         except Exception as e:  # a tool bug must not crash training; the model reads what failed
             return ToolResult(
-                call.name, f"Error: {call.name} failed: {type(e).__name__}: {e}", False
+                call.name, f"Error: {call.name} failed: {type(e).__name__}: {e}", False, call.id
             )
         text = self.chat.truncate(str(text), self.cfg.max_tool_output_tokens)
-        return ToolResult(call.name, text, bool(ok))
+        return ToolResult(call.name, text, bool(ok), call.id)
 
 
 class _Sessions:

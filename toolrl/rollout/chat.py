@@ -11,13 +11,27 @@ end-of-turn token. Nothing already in the trajectory is decoded or re-encoded.
 Tool output is encoded as plain text: a tool that prints `<|im_end|>` gets the ids of
 those characters, never the control token. The template parts around it keep theirs.
 The text is first put in the form the template writes it in (`CONTENT_FORMS`: as is for
-Qwen, a JSON string for Llama 3.1, stripped for templates that `|trim` it).
+Qwen, a JSON string for Llama 3.1, stripped for templates that `|trim` it, and for Mistral
+v3 a JSON string or, for text that Jinja's `|int`/`|float` reads back unchanged such as
+"2146", the JSON number its `tojson` writes).
+
+Templates that write call ids into the tool turn (Mistral's: `[TOOL_RESULTS]id[TOOL_CONTENT]`
+in v11, `{"content": ..., "call_id": "id"}` in v3) get their glue rendered on every tool
+turn with the ids of the calls (`ToolResult.call_id`, from `ToolCall.id` as the parser
+read it from the sampled turn), and the whole tool turn is encoded as one text, so that
+tokens merge across the edges of the tool text as in the template's own render (in v3's
+`{"content": "x", ...}` the ` "` and `",` around the text are single tokens). An id is written as the model sampled it when it is 9 ASCII
+letters or digits: Mistral's form, the templates refuse other lengths, and the id is
+template text, where `[INST]` would become a control token. An answer whose id is missing
+(a parse error's answer, or a call sampled without one) or not of that form gets a
+generated id instead: the first 9 hex digits of the SHA-256 of its place in the turn, its
+name and its text, so the same tool turn always gets the same ids. Other templates' glue is
+rendered once per shape of tool turn (the tools' names) and cached.
 
 A template is refused with `TemplateError` when the builder cannot reproduce its tool
-turn: it writes tool-call ids into it (Mistral's 9-character ids: tool results carry no
-id), it re-renders the prompt, it ends tool-calling turns with something other than the
-eos token, or it drops or reorders tool answers. `python -m toolrl.check_template DIR`
-says which, for a model folder.
+turn: it re-renders the prompt, it ends tool-calling turns with something other than the
+eos token, it drops or reorders tool answers, or it changes them in a way no content form
+matches. `python -m toolrl.check_template DIR` says which, for a model folder.
 
 Reasoning is kept as sampled. Some templates drop or normalise `<think>...</think>` of
 earlier assistant turns when they render a whole conversation (Qwen3 drops it from turns
@@ -32,10 +46,13 @@ Run `python -m pytest tests/unit/test_real_templates.py` for this on real templa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
 from typing import Any
+
+from jinja2.filters import do_float, do_int
 
 from toolrl.rollout.trajectory import ToolResult
 
@@ -44,9 +61,13 @@ _PROMPT = [{"role": "user", "content": "?"}]
 # templates' content transforms change (edge whitespace for `trim`, quote, backslash and
 # newline for `tojson`), so the rendered probe tells which transform the template applies.
 _PROBE_CONTENT = ' \ntoolrl-probe-{}"\\\n '
+# Answers that read as numbers, which a template may write as JSON numbers (Mistral v3).
+_NUMBER_PROBES = ("2146", "-0.5", "nan")
+_PROBE_NAMES = ("probe", "probe")
 # Two sets of 9-character call ids (Mistral's length): a template whose render changes with
-# them writes ids into the tool turn, which toolrl's results do not carry.
+# them writes ids into the tool turn.
 _IDS = ("probe{:04d}", "other{:04d}")
+_CALL_ID = re.compile(r"[A-Za-z0-9]{9}")
 
 
 def _tojson(text: str) -> str:
@@ -54,18 +75,44 @@ def _tojson(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _json_number_or_string(text: str) -> str:
+    """Mistral v3's tool content: the template sets it to `content|int` when that prints back
+    as the text, else to `content|float` when that does, else keeps the string, and writes it
+    with `tojson`. So "2146" -> 2146, "-0.5" -> -0.5, "nan" -> NaN, "inf" -> Infinity, and
+    "2.50", " 7" or "1e3" stay JSON strings. Jinja's own filters decide, as in the template."""
+    for value in (do_int(text), do_float(text)):
+        if str(value) == text:
+            return json.dumps(value)
+    return _tojson(text)
+
+
 # How templates render a tool message's string content, most literal first: Qwen2.5/Qwen3
-# as is, Llama 3.1 through `tojson` (a string is `iterable` in Jinja), Qwen3.5 `|trim`.
+# as is, Llama 3.1 through `tojson` (a string is `iterable` in Jinja), Qwen3.5 `|trim`,
+# Mistral v3 re-typed into a number where it reads as one, then through `tojson`.
 CONTENT_FORMS: dict[str, Callable[[str], str]] = {
     "as is": lambda t: t,
     "JSON string": _tojson,
     "stripped": str.strip,
     "stripped JSON string": lambda t: _tojson(t.strip()),
+    "JSON string or number": _json_number_or_string,
 }
 
 
-# Ids before each tool answer, ids after the last one, the name of the answers' content form.
-_Glue = tuple[list[list[int]], list[int], str]
+def _probe_ids(which: int, n: int) -> tuple[str, ...]:
+    return tuple(_IDS[which].format(i) for i in range(n))
+
+
+def _call_id(result: ToolResult, k: int) -> str:
+    """The id written for the k-th answer of a tool turn: its call's, when that has Mistral's
+    form, else 9 hex digits hashed from the answer and its place (see the module doc)."""
+    if result.call_id is not None and _CALL_ID.fullmatch(result.call_id):
+        return result.call_id
+    key = f"{k}\0{result.name}\0{result.content}".encode()
+    return hashlib.sha256(key).hexdigest()[:9]
+
+
+# Ids before each tool answer and ids after the last one.
+_Glue = tuple[list[list[int]], list[int]]
 
 
 class TemplateError(ValueError):
@@ -86,9 +133,14 @@ class ChatBuilder:
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
         self._glue_cache: dict[tuple[str, ...], _Glue] = {}
         # Fail when the worker is built, not at the first tool call of the first step.
-        self.tool_turn_ids([ToolResult("probe", "a"), ToolResult("probe", "b")])
+        self._probe_prompt = self._render(_PROMPT, generation_prompt=True)
+        full = self._render_probe(_PROBE_NAMES, _probe_ids(0, 2))
+        self._check_prompt(full)
+        # True when the tool turn shows the call ids (Mistral): rendered per turn, not cached.
+        self.writes_ids: bool = full != self._render_probe(_PROBE_NAMES, _probe_ids(1, 2))
         # How the template writes a tool's text, a key of CONTENT_FORMS (e.g. "JSON string").
-        self.content_form: str = self._glue(("probe", "probe"))[2]
+        self.content_form: str = self._find_content_form(full)
+        self.tool_turn_ids([ToolResult("probe", "a"), ToolResult("probe", "b")])
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -112,6 +164,20 @@ class ChatBuilder:
             pos = m.end()
         return ids + self._encode(text[pos:])
 
+    def _encode_turn(self, parts: list[str]) -> list[int]:
+        """Ids of the concatenated parts (template text, tool text, template text, ...) as the
+        tokenizer encodes the whole text, except that only the template text forms added
+        tokens: the text between two of those is encoded as one plain run."""
+        ids: list[int] = []
+        run = ""
+        for k, part in enumerate(parts):
+            pos = 0
+            for m in self._added.finditer(part) if self._added and k % 2 == 0 else ():
+                ids += self._encode_plain(run + part[pos : m.start()]) + self._encode(m.group())
+                run, pos = "", m.end()
+            run += part[pos:]
+        return ids + self._encode_plain(run)
+
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Ids of the prompt up to and including the assistant header the model continues."""
         return self._encode(self._render(messages, generation_prompt=True))
@@ -131,68 +197,100 @@ class ChatBuilder:
 
     def tool_turn_ids(self, results: list[ToolResult]) -> list[int]:
         """Ids to append after a turn that ended with the end-of-turn id: glue + tool answers + header."""
-        pieces, tail, form_name = self._glue(tuple(r.name for r in results))
-        form = CONTENT_FORMS[form_name]
+        form = CONTENT_FORMS[self.content_form]
+        names = tuple(r.name for r in results)
+        if self.writes_ids:
+            call_ids = tuple(_call_id(r, k) for k, r in enumerate(results))
+            texts = self._glue_texts(self._render_probe(names, call_ids), len(names))
+            parts = [p for t, r in zip(texts, results, strict=False) for p in (t, form(r.content))]
+            return self._encode_turn(parts + texts[-1:])
+        pieces, tail = self._glue(names)
         ids: list[int] = []
         for piece, r in zip(pieces, results, strict=True):
             ids += piece + self._encode_plain(form(r.content))
         return ids + tail
 
     def _glue(self, names: tuple[str, ...]) -> _Glue:
-        """The template's ids before each tool answer and after the last one, and the transform
-        it applies to a tool answer's text.
+        """The template's ids before each tool answer and after the last one.
 
         They depend only on the tools' names, not on what the tools said, so they are
         rendered once per shape of tool turn instead of once per tool turn."""
-        if names in self._glue_cache:
-            return self._glue_cache[names]
-        full = self._render_probe(names, _IDS[0])
-        if full != self._render_probe(names, _IDS[1]):
-            raise TemplateError(
-                "the template writes tool-call ids into the tool turn (e.g. Mistral's "
-                "9-character call ids); toolrl's tool results carry no call id"
+        if names not in self._glue_cache:
+            full = self._render_probe(names, _probe_ids(0, len(names)))
+            texts = self._glue_texts(full, len(names))
+            self._glue_cache[names] = (
+                [self._encode(t) for t in texts[:-1]],
+                self._encode(texts[-1]),
             )
-        prompt = self._render(_PROMPT, generation_prompt=True)
-        if not full.startswith(prompt):
+        return self._glue_cache[names]
+
+    def _check_prompt(self, full: str) -> None:
+        if not full.startswith(self._probe_prompt):
             raise TemplateError(
                 "adding a tool-calling turn and tool messages changed the prompt: not append-only"
             )
-        form_name, first = _content_form(full, len(prompt))
-        form = CONTENT_FORMS[form_name]
-        end = full.find(self.turn_end, len(prompt))
+
+    def _glue_texts(self, full: str, n: int) -> list[str]:
+        """From a probe render with n answers: the template's text before each answer, and the
+        text after the last one."""
+        self._check_prompt(full)
+        form = CONTENT_FORMS[self.content_form]
+        start = len(self._probe_prompt)
+        first = full.find(form(_PROBE_CONTENT.format(0)), start)
+        if first < 0:
+            raise TemplateError("the template dropped or altered a tool message's content")
+        end = full.find(self.turn_end, start)
         if not 0 <= end < first:
             raise TemplateError(
                 f"assistant turns with tool calls do not end with {self.turn_end!r}"
             )
-        glue = full[end + len(self.turn_end) :]
-        pieces = []
-        for i in range(len(names)):
+        glue, texts = full[end + len(self.turn_end) :], []
+        for i in range(n):
             before, sep, glue = glue.partition(form(_PROBE_CONTENT.format(i)))
             if not sep:
                 raise TemplateError("the template dropped or reordered a tool message's content")
-            pieces.append(self._encode(before))
-        self._glue_cache[names] = (pieces, self._encode(glue), form_name)
-        return self._glue_cache[names]
+            texts.append(before)
+        return texts + [glue]
 
-    def _render_probe(self, names: tuple[str, ...], ids: str) -> str:
+    def _find_content_form(self, full: str) -> str:
+        """The name of the form the template writes tool text in, from a probe render.
+
+        The probe answer tells most forms apart; a number answer tells apart those that
+        write it alike (Mistral v3 writes "2146" as the JSON number 2146, Llama 3.1 as
+        the JSON string "2146")."""
+        probe = _PROBE_CONTENT.format(0)
+        written = CONTENT_FORMS[_content_form(full, len(self._probe_prompt))](probe)
+        alike = [name for name, form in CONTENT_FORMS.items() if form(probe) == written]
+        for number in _NUMBER_PROBES:
+            got = self._render_probe(_PROBE_NAMES, _probe_ids(0, 2), first=number)
+            alike = [n for n in alike if got == full.replace(written, CONTENT_FORMS[n](number), 1)]
+        if not alike:
+            raise TemplateError(
+                "the template writes a tool answer that reads as a number in a way toolrl "
+                f"does not reproduce (answers tried: {', '.join(_NUMBER_PROBES)})"
+            )
+        return alike[0]
+
+    def _render_probe(
+        self, names: tuple[str, ...], ids: tuple[str, ...], first: str | None = None
+    ) -> str:
         """Render prompt + an assistant turn calling the tools + their answers + next header.
 
-        One call per answer first; templates that allow one call per turn (Llama 3.1 raises
-        on more) get a single call, since the glue after the turn does not depend on it."""
+        The answers are the probe contents (the first one `first` if given), with the call
+        ids `ids`. One call per answer first; templates that allow one call per turn (Llama
+        3.1 raises on more) get a single call, since the glue after the turn does not
+        depend on it."""
+        contents = [_PROBE_CONTENT.format(i) for i in range(len(names))]
+        contents[:1] = [first] if first is not None else contents[:1]
         tool_msgs = [
-            {
-                "role": "tool",
-                "name": n,
-                "tool_call_id": ids.format(i),
-                "content": _PROBE_CONTENT.format(i),
-            }
-            for i, n in enumerate(names)
+            {"role": "tool", "name": n, "tool_call_id": i, "content": c}
+            for n, i, c in zip(names, ids, contents, strict=True)
         ]
         error = ""
         for called in (names, names[:1]):
             calls = [
-                {"id": ids.format(i), "type": "function", "function": {"name": n, "arguments": {}}}
-                for i, n in enumerate(called)
+                {"id": i, "type": "function", "function": {"name": n, "arguments": {}}}
+                for n, i in zip(called, ids, strict=False)
             ]
             turn = {"role": "assistant", "content": "", "tool_calls": calls}
             try:
@@ -202,12 +300,11 @@ class ChatBuilder:
         raise TemplateError(f"the template cannot render a tool turn: {error}")
 
 
-def _content_form(full: str, start: int) -> tuple[str, int]:
-    """Which of `CONTENT_FORMS` the template applied to the first probe answer, and where
-    that answer starts in `full` (searched from `start`, the end of the prompt)."""
+def _content_form(full: str, start: int) -> str:
+    """The first of `CONTENT_FORMS` that makes of the first probe answer what the template
+    wrote in `full` after `start` (the end of the prompt)."""
     probe = _PROBE_CONTENT.format(0)
     for name, form in CONTENT_FORMS.items():
-        at = full.find(form(probe), start)
-        if at >= 0:
-            return name, at
+        if full.find(form(probe), start) >= 0:
+            return name
     raise TemplateError("the template dropped or altered a tool message's content")

@@ -23,19 +23,25 @@ from typing import Any
 
 @dataclass
 class ToolCall:
-    """One call the parser found in a turn: the tool's name and its JSON arguments."""
+    """One call the parser found in a turn: the tool's name, its JSON arguments and, in formats
+    that carry one (Mistral's 9-character ids), the call id the model sampled."""
 
     name: str
     arguments: dict[str, Any]
+    id: str | None = None
 
 
 @dataclass
 class ToolResult:
-    """What a tool returned, as text the model reads. `ok` is False for errors the model made."""
+    """What a tool returned, as text the model reads. `ok` is False for errors the model made.
+
+    `call_id` is the id of the call it answers (`ToolCall.id`), for templates that write it
+    into the tool turn; None where the call had none or nothing was called (a parse error)."""
 
     name: str
     content: str
     ok: bool = True
+    call_id: str | None = None
 
 
 @dataclass

@@ -74,6 +74,8 @@ class SandboxConfig:
         for name in ("cpu_seconds", "memory_mb", "max_processes", "scratch_mb", "stack_mb"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1")
+        if not 0 < self.uid_base < 2**31 - 1_000_000:
+            out.append("uid_base must be in (0, 2**31 - 1e6): sandboxes take uids above it")
         if self.max_output_bytes < 64:
             out.append("max_output_bytes must be >= 64")
         return out
@@ -148,17 +150,23 @@ class Sandbox:
 
             self._scratch = tempfile.mkdtemp(prefix="toolrl-sandbox-")
             env = {"PATH": "/usr/bin:/bin", "HOME": self._scratch, "TMPDIR": self._scratch}
-        ids = {} if self.uid is None else {"user": self.uid, "group": self.uid, "extra_groups": []}
+        argv = self._argv()
+        if self.uid is not None:  # uvloop (Ray's actors) has no user=/group= for subprocesses
+            argv = [
+                "setpriv",
+                f"--reuid={self.uid}",
+                f"--regid={self.uid}",
+                "--clear-groups",
+            ] + argv
         spawn = asyncio.ensure_future(
             asyncio.create_subprocess_exec(
-                *self._argv(),
+                *argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # its own process group, killed whole
                 cwd=getattr(self, "_scratch", "/"),
-                **ids,
             )
         )
         try:
@@ -259,6 +267,7 @@ class SandboxPool:
         self.report = check_host(cfg, pool_size=size)
         self._ready: list[Sandbox] = []
         self._filling: asyncio.Task[None] | None = None
+        self._closing = False
 
     def _new(self) -> Sandbox:
         uid = None
@@ -271,12 +280,12 @@ class SandboxPool:
         if sandbox is None or sandbox.proc is None or sandbox.proc.returncode is not None:
             sandbox = self._new()
             await sandbox.start()
-        if self._filling is None or self._filling.done():
+        if not self._closing and (self._filling is None or self._filling.done()):
             self._filling = asyncio.ensure_future(self._fill())
         return sandbox
 
     async def _fill(self) -> None:
-        while len(self._ready) < self.size:
+        while not self._closing and len(self._ready) < self.size:
             sandbox = self._new()
             try:
                 await sandbox.start()
@@ -286,8 +295,10 @@ class SandboxPool:
             self._ready.append(sandbox)
 
     async def close(self) -> None:
+        # The fill is let finish (a start takes milliseconds) rather than cancelled: a process
+        # cancelled while being spawned could outlive the event loop that would kill it.
+        self._closing = True
         if self._filling is not None:
-            self._filling.cancel()
             await asyncio.gather(self._filling, return_exceptions=True)
         for sandbox in self._ready:
             await sandbox.close()
@@ -323,11 +334,11 @@ def check_host(cfg: SandboxConfig, pool_size: int = 1) -> HostReport:
             "isolation=none: model code runs with this user's file system, network and "
             "environment; only the rlimits and the wall timeout apply"
         )
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and shutil.which("setpriv"):
         return HostReport(True, cfg.max_processes, gaps)
     gaps.append(
-        "not root, so sandboxes share this user's process count: RLIMIT_NPROC is set to "
-        "the current count plus max_processes x pool size, an allowance they share"
+        "not root (or no setpriv), so sandboxes share this user's process count: RLIMIT_NPROC "
+        "is set to the current count plus max_processes x pool size, an allowance they share"
     )
     cap = _user_process_count() + cfg.max_processes * max(pool_size, 1)
     return HostReport(False, cap, gaps)

@@ -2,12 +2,15 @@
 
 Before v11 the model writes one marker and a JSON array:
 
-    [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {...}]
+    [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "a1b2c3d4e"}, ...]
 
-From v11 on it writes each call as `[TOOL_CALLS]name[ARGS]{...}` (a `[CALL_ID]id` between
-the name and `[ARGS]` is accepted and ignored), repeated for several calls. Text before the
-first `[TOOL_CALLS]` is content; a trailing `</s>` is dropped. Each call is parsed on its
-own: a malformed array element or `name[ARGS]{...}` yields one error such as
+From v11 on it writes each call as `[TOOL_CALLS]name[ARGS]{...}` or, with a call id,
+`[TOOL_CALLS]name[CALL_ID]a1b2c3d4e[ARGS]{...}`, repeated for several calls. The id the
+model sampled (the JSON "id" string, or the text between `[CALL_ID]` and `[ARGS]`, stripped)
+becomes `ToolCall.id`: Mistral's templates write it back into the tool turn. A call without
+one (or with an empty or non-string JSON "id") gets `id=None`. Text before the first
+`[TOOL_CALLS]` is content; a trailing `</s>` is dropped. Each call is parsed on its own:
+a malformed array element or `name[ARGS]{...}` yields one error such as
 `tool call 2: invalid JSON: ...` and the calls around it are still returned. Calls beyond
 `max_parallel_calls` get an error each.
 
@@ -70,7 +73,7 @@ def parse_array(text: str) -> list[ToolCall | str]:
             pos = _skip_space(text, found.start() + 1)
             continue
         value, end = decoded
-        results.append(call_from_object(value, ("arguments", "parameters")))
+        results.append(_with_id(call_from_object(value, ("arguments", "parameters")), value))
         pos = _skip_space(text, end)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_space(text, pos + 1)
@@ -91,7 +94,7 @@ def parse_named(segment: str) -> list[ToolCall | str]:
         if not sep:
             results.append(f"expected name{ARGS}{{...}} after {TOOL_CALLS}, got {rest[:20]!r}")
             return results
-        name = head.partition(CALL_ID)[0].strip()
+        name, _, call_id = (part.strip() for part in head.partition(CALL_ID))
         tail = tail.lstrip()
         decoded = _decode_at(tail, 0)
         if not _NAME.fullmatch(name):
@@ -99,9 +102,8 @@ def parse_named(segment: str) -> list[ToolCall | str]:
         elif isinstance(decoded, str):
             results.append(decoded)
         else:
-            results.append(
-                call_from_object({"name": name, "arguments": decoded[0]}, ("arguments",))
-            )
+            call = call_from_object({"name": name, "arguments": decoded[0]}, ("arguments",))
+            results.append(_with_id(call, {"id": call_id or None}))
         if isinstance(decoded, str):
             # Resume at the next call written back to back, if any; else the turn is done.
             nxt = tail.find(ARGS)
@@ -111,6 +113,14 @@ def parse_named(segment: str) -> list[ToolCall | str]:
         else:
             rest = tail[decoded[1] :].strip()
     return results
+
+
+def _with_id(call: ToolCall | str, value: object) -> ToolCall | str:
+    """The call with the id of its JSON object `value` (a string "id"), if it has one."""
+    if isinstance(call, ToolCall) and isinstance(value, dict):
+        call_id = value.get("id")
+        call.id = call_id if isinstance(call_id, str) and call_id else None
+    return call
 
 
 def _after_name(text: str, args_pos: int) -> str:
