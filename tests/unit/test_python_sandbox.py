@@ -18,7 +18,7 @@ import pytest
 
 from toolrl.tools.calculator import Calculator
 from toolrl.tools.python_exec import PythonTool
-from toolrl.tools.sandbox import SandboxConfig, check_host
+from toolrl.tools.sandbox import SandboxConfig, check_host, probe
 
 if shutil.which("bwrap") is None:
     if os.environ.get("TOOLRL_REQUIRE_BWRAP"):
@@ -427,6 +427,13 @@ def test_bad_config_says_what_to_change() -> None:
         PythonTool.preflight(sandbox={"python": "/nonexistent/python"})
     with pytest.raises(TypeError):
         SandboxConfig(**{"memory": 1})
+
+
+def test_probe_from_inside_finds_no_gap_in_bwrap_and_the_gaps_without_it() -> None:
+    assert asyncio.run(probe(SandboxConfig(uid_base=UID_BASE))) == []
+    gaps = asyncio.run(probe(SandboxConfig(isolation="none")))
+    assert "processes: not in a pid namespace of its own" in gaps
+    assert any(g.startswith("file system: host path") for g in gaps)
 
 
 def test_host_report_names_what_is_not_enforced() -> None:

@@ -24,11 +24,14 @@ Isolation and limits: toolrl/tools/sandbox.py.  Tests: tests/unit/test_python_sa
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import asdict
 from typing import Any
 
 from toolrl.tools.base import Tool, ToolInfraError
-from toolrl.tools.sandbox import SandboxConfig, SandboxDied, SandboxPool, log_report
+from toolrl.tools.sandbox import SandboxConfig, SandboxDied, SandboxPool, log_report, probe
+
+log = logging.getLogger(__name__)
 
 SCHEMA = {
     "type": "function",
@@ -67,6 +70,7 @@ class PythonTool:
         log_report(self.pool.report)
         self._sessions: dict[str, Any] = {}  # traj_key -> Sandbox, or None after a reset
         self._opened: dict[str, set[str]] = {}  # traj_key -> exposed tools opened for it
+        self._probed = False
 
     @staticmethod
     def preflight(**kwargs: Any) -> None:
@@ -81,6 +85,14 @@ class PythonTool:
         return SCHEMA
 
     async def open(self, traj_key: str) -> None:
+        if not self._probed:  # once, at the first call: check from inside what is isolated
+            self._probed = True
+            try:
+                gaps = await probe(self.cfg)
+            except Exception as e:  # acquire() below reports a sandbox that cannot start
+                gaps = [f"the isolation probe could not run: {e}"]
+            for gap in gaps:
+                log.warning("PYTHON SANDBOX NOT ISOLATED: %s", gap)
         try:
             self._sessions[traj_key] = await self.pool.acquire()
         except (SandboxDied, OSError) as e:
