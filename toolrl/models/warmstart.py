@@ -53,25 +53,14 @@ import torch.nn.functional as F
 
 from toolrl.data.arithmetic import ArithmeticConfig, ArithmeticTask, last_integer
 from toolrl.tools.calculator import CALCULATOR_SCHEMA
+from toolrl.tools.python_exec import SCHEMA as PYTHON_TOOL_SCHEMA
 
 log = logging.getLogger(__name__)
 
 ANSWER = "The answer is {}."
 
-# The python sandbox tool's schema; its schema() must return exactly this, or the RL prompt
-# differs from the one the embedded model was warm-started on.
-PYTHON_SCHEMA: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "python",
-        "description": "Run Python code in a sandbox and return what it prints.",
-        "parameters": {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "Python source to run"}},
-            "required": ["code"],
-        },
-    },
-}
+# The python tool's own schema: the RL prompt must render exactly what warm-start showed.
+PYTHON_SCHEMA: dict[str, Any] = PYTHON_TOOL_SCHEMA
 
 
 @dataclass(frozen=True)
