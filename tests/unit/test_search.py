@@ -70,6 +70,18 @@ def test_bm25_ranks_the_relevant_doc_first(bm25: BM25Retriever, query: str, titl
     assert scores[0] > scores[-1]
 
 
+def test_parquet_corpus_ranks_the_same_as_its_jsonl(bm25: BM25Retriever, tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = [json.loads(line) for line in (ROOT / "toolrl/data/corpus/facts.jsonl").open()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "facts.parquet")
+    from_parquet = BM25Retriever(str(tmp_path / "facts.parquet"))
+    for query in ("powerhouse of the cell ATP", "Red Planet moons Phobos"):
+        assert search(from_parquet, query) == search(bm25, query)
+        assert search(from_parquet, query)[0]["title"] in ("Mitochondria", "Mars")
+
+
 def test_bm25_edge_cases(bm25: BM25Retriever, tmp_path: Path) -> None:
     assert search(bm25, "zzzqqq xylophonic") == []
     assert len(search(bm25, "the", k=5)) == 5
