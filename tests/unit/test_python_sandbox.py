@@ -116,6 +116,18 @@ def test_exposed_tool_is_a_function_inside() -> None:
     run(script, expose={"calculator": Calculator()})
 
 
+def test_parallel_calls_of_one_turn_run_in_order_on_one_interpreter() -> None:
+    async def script(tool: PythonTool) -> None:
+        await tool.open("t")
+        cells = ["import time\nlog = []\ntime.sleep(0.2)\nlog.append(1)"]
+        cells += [f"log.append({i})\nlen(log)" for i in (2, 3)]
+        results = await asyncio.gather(*(tool.call("t", {"code": c}) for c in cells))
+        assert results == [("(no output)", True), ("2", True), ("3", True)]
+        assert await call(tool, "log") == ("[1, 2, 3]", True)
+
+    run(script)
+
+
 def test_syntax_error_is_reported() -> None:
     async def script(tool: PythonTool) -> None:
         text, ok = await call(tool, "def (:")

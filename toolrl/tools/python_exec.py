@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict
 from typing import Any
 
 from toolrl.tools.base import Tool, ToolInfraError
@@ -70,6 +69,7 @@ class PythonTool:
         log_report(self.pool.report)
         self._sessions: dict[str, Any] = {}  # traj_key -> Sandbox, or None after a reset
         self._opened: dict[str, set[str]] = {}  # traj_key -> exposed tools opened for it
+        self._locks: dict[str, asyncio.Lock] = {}  # one cell at a time per session
         self._probed = False
 
     @staticmethod
@@ -97,7 +97,8 @@ class PythonTool:
             self._sessions[traj_key] = await self.pool.acquire()
         except (SandboxDied, OSError) as e:
             raise ToolInfraError(f"python: no sandbox could start: {e}") from e
-        self._opened[traj_key] = set()
+        self._opened.setdefault(traj_key, set())
+        self._locks.setdefault(traj_key, asyncio.Lock())
 
     async def call(self, traj_key: str, arguments: dict[str, Any]) -> tuple[str, bool]:
         code = arguments.get("code")
@@ -109,6 +110,12 @@ class PythonTool:
                 f"Error: code is {len(code)} characters; the limit is {self.max_code_chars}",
                 False,
             )
+        # Parallel calls of one turn share the interpreter: they run one after another, in
+        # the order the model wrote them (the lock is first come, first served).
+        async with self._locks.setdefault(traj_key, asyncio.Lock()):
+            return await self._run(traj_key, code)
+
+    async def _run(self, traj_key: str, code: str) -> tuple[str, bool]:
         prefix = ""
         if self._sessions.get(traj_key) is None:  # the last call killed it
             await self.open(traj_key)
@@ -153,8 +160,6 @@ class PythonTool:
         sandbox = self._sessions.pop(traj_key, None)
         if sandbox is not None:
             await sandbox.close()
+        self._locks.pop(traj_key, None)
         for name in self._opened.pop(traj_key, set()):
             await self.expose[name].close(traj_key)
-
-    def describe(self) -> dict[str, Any]:
-        return {"timeout_s": self.timeout_s, **asdict(self.cfg), **asdict(self.pool.report)}
