@@ -339,10 +339,14 @@ def test_python_style_trace_calls_python(tok: Any, p_correct: float, op: str) ->
     assert f"<tool_response>\n{result}\n</tool_response>" in text
 
 
-def test_python_schema_is_the_sandbox_tools_own() -> None:
-    # The RL prompt renders the tool's schema(); it must be the one the model was warmed on.
-    python_exec = pytest.importorskip("toolrl.tools.python_exec")
-    assert json.dumps(python_exec.SCHEMA) == json.dumps(ws.PYTHON_SCHEMA)
+def test_rl_tools_render_the_schema_the_model_was_warmed_on() -> None:
+    # The RL prompt renders each tool's schema(); it must be the one warm-start showed.
+    from toolrl.tools.calculator import Calculator
+    from toolrl.tools.python_exec import PythonTool
+
+    python = PythonTool(pool_size=0, sandbox={"isolation": "none"})
+    assert python.schema() == ws.tool_style("python").schema
+    assert Calculator().schema() == ws.tool_style("calculator").schema
 
 
 def test_measurement_reads_python_calls_without_running_them() -> None:

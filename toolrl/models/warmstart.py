@@ -53,14 +53,11 @@ import torch.nn.functional as F
 
 from toolrl.data.arithmetic import ArithmeticConfig, ArithmeticTask, last_integer
 from toolrl.tools.calculator import CALCULATOR_SCHEMA
-from toolrl.tools.python_exec import SCHEMA as PYTHON_TOOL_SCHEMA
+from toolrl.tools.python_exec import SCHEMA as PYTHON_SCHEMA
 
 log = logging.getLogger(__name__)
 
 ANSWER = "The answer is {}."
-
-# The python tool's own schema: the RL prompt must render exactly what warm-start showed.
-PYTHON_SCHEMA: dict[str, Any] = PYTHON_TOOL_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -420,22 +417,6 @@ def _sample_ids(
     return rows
 
 
-def _tool_glue(tokenizer: Any, tools: list[dict[str, Any]], name: str, content: str) -> str:
-    """Text the template puts after an assistant's `<|im_end|>` for one tool answer, through
-    the next assistant header (append-only, as the rollout's token builder does)."""
-    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
-    short = tokenizer.apply_chat_template(probe, tools=tools, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        probe + [{"role": "tool", "name": name, "content": content}],
-        tools=tools,
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    assert full.startswith(short), "chat template is not append-only"
-    end = tokenizer.eos_token
-    return short[short.rfind(end) + len(end) :] + full[len(short) :]
-
-
 def _classify(text: str, a: int, b: int, style: ToolStyle) -> tuple[str, str | None, bool | None]:
     """(mode, expression to run or None, operands copied right or None) of a first turn."""
     if "<tool_call>" not in text:
@@ -465,12 +446,15 @@ def measure_modes(
     stood in for by the calculator on the call's expression (for python, the inside of
     `print(...)`): no model text is executed.
     """
+    from toolrl.rollout.chat import ChatBuilder
+    from toolrl.rollout.trajectory import ToolResult
     from toolrl.tools.calculator import Calculator
 
     task = task or ArithmeticTask()
     prompts = task.prompts("eval")[:n]
     style = tool_style(tool)
     tools, calc = [style.schema], Calculator()
+    chat = ChatBuilder(tokenizer, tools)  # the tool answer's ids exactly as a rollout adds them
     torch.manual_seed(seed)
     model.eval()
     ids0 = [
@@ -494,9 +478,8 @@ def measure_modes(
             ops_ok.append(ok)
         if expr is not None:
             result, _ = asyncio.run(calc.call("measure", {"expression": expr}))
-            glue = _tool_glue(tokenizer, tools, style.name, result)
-            glue_ids = tokenizer.encode(glue, add_special_tokens=False)
-            second.append((i, result, ids0[i] + new + glue_ids))
+            answer_ids = chat.tool_turn_ids([ToolResult(style.name, result)])
+            second.append((i, result, ids0[i] + new + answer_ids))
     if second:
         turn2 = _sample_ids(model, tokenizer, [s[2] for s in second], max_new=24)
         for (i, result, _), new in zip(second, turn2, strict=True):

@@ -123,11 +123,13 @@ class AgentLoop:
         return results + [ToolResult("error", f"Error: {e}", ok=False) for e in parsed.errors]
 
     async def _call(self, sessions: _Sessions, call: ToolCall) -> ToolResult:
+        def answer(text: str, ok: bool) -> ToolResult:
+            return ToolResult(call.name, text, ok, call.id)
+
         tool = self.tools.get(call.name)
         if tool is None:
-            known = ", ".join(sorted(self.tools))
-            return ToolResult(
-                call.name, f"Error: unknown tool {call.name!r}; tools: {known}", False, call.id
+            return answer(
+                f"Error: unknown tool {call.name!r}; tools: {', '.join(sorted(self.tools))}", False
             )
         try:
             await sessions.open(call.name)
@@ -135,17 +137,12 @@ class AgentLoop:
                 tool.call(sessions.key, call.arguments), timeout=self.cfg.tool_timeout_s
             )
         except TimeoutError:
-            return ToolResult(
-                call.name, f"Error: timed out after {self.cfg.tool_timeout_s:g}s", False, call.id
-            )
+            return answer(f"Error: timed out after {self.cfg.tool_timeout_s:g}s", False)
         except ToolInfraError:
             raise
         except Exception as e:  # a tool bug must not crash training; the model reads what failed
-            return ToolResult(
-                call.name, f"Error: {call.name} failed: {type(e).__name__}: {e}", False, call.id
-            )
-        text = self.chat.truncate(str(text), self.cfg.max_tool_output_tokens)
-        return ToolResult(call.name, text, bool(ok), call.id)
+            return answer(f"Error: {call.name} failed: {type(e).__name__}: {e}", False)
+        return answer(self.chat.truncate(str(text), self.cfg.max_tool_output_tokens), bool(ok))
 
 
 class _Sessions:

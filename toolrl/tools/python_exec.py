@@ -59,10 +59,7 @@ class PythonTool:
         expose: dict[str, Tool] | None = None,
         sandbox: SandboxConfig | dict[str, Any] | None = None,
     ) -> None:
-        cfg = sandbox if isinstance(sandbox, SandboxConfig) else SandboxConfig(**(sandbox or {}))
-        problems = cfg.problems()
-        if problems:
-            raise ValueError("python tool: " + "; ".join(problems))
+        cfg = _sandbox_config(sandbox)
         self.cfg, self.timeout_s, self.max_code_chars = cfg, timeout_s, max_code_chars
         self.expose = dict(expose or {})
         self.pool = SandboxPool(cfg, pool_size, sorted(self.expose))
@@ -75,11 +72,7 @@ class PythonTool:
     @staticmethod
     def preflight(**kwargs: Any) -> None:
         """Checks `main` runs before Ray starts: a bad sandbox config fails there."""
-        sandbox = kwargs.get("sandbox") or {}
-        cfg = sandbox if isinstance(sandbox, SandboxConfig) else SandboxConfig(**sandbox)
-        problems = cfg.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
+        _sandbox_config(kwargs.get("sandbox"))
 
     def schema(self) -> dict[str, Any]:
         return SCHEMA
@@ -163,3 +156,13 @@ class PythonTool:
         self._locks.pop(traj_key, None)
         for name in self._opened.pop(traj_key, set()):
             await self.expose[name].close(traj_key)
+
+
+def _sandbox_config(sandbox: SandboxConfig | dict[str, Any] | None) -> SandboxConfig:
+    """The sandbox config from YAML's mapping; ValueError saying what to change if this
+    machine cannot honour it, TypeError for an unknown key."""
+    cfg = sandbox if isinstance(sandbox, SandboxConfig) else SandboxConfig(**(sandbox or {}))
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("python tool: " + "; ".join(problems))
+    return cfg

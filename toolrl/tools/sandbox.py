@@ -101,6 +101,7 @@ class Sandbox:
     def __init__(self, cfg: SandboxConfig, exposed: list[str], nproc_cap: int, uid: int | None):
         self.cfg, self.exposed, self.nproc_cap, self.uid = cfg, exposed, nproc_cap, uid
         self.proc: asyncio.subprocess.Process | None = None
+        self._scratch: str | None = None  # isolation=none only: a host temp dir as scratch
 
     def _limits(self) -> dict[str, Any]:
         c = self.cfg
@@ -111,13 +112,10 @@ class Sandbox:
             "max_file_bytes": c.scratch_mb << 20,
             "stack_bytes": c.stack_mb << 20,
             "max_output_bytes": c.max_output_bytes,
-            "output_path": f"{_OUTPUT_DIR}/out" if c.isolation == "bwrap" else self._tmp("out"),
+            "output_path": f"{self._scratch or _OUTPUT_DIR}/out",
             "exposed": self.exposed,
             "kill_strays": c.isolation == "bwrap",  # kill(-1) outside a pid namespace: never
         }
-
-    def _tmp(self, name: str) -> str:
-        return os.path.join(self._scratch, name)
 
     def _argv(self) -> list[str]:
         c = self.cfg
@@ -166,7 +164,7 @@ class Sandbox:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # its own process group, killed whole
-                cwd=getattr(self, "_scratch", "/"),
+                cwd=self._scratch or "/",
             )
         )
         try:
@@ -236,7 +234,7 @@ class Sandbox:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.cfg.isolation == "none" and hasattr(self, "_scratch"):
+        if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
     async def close(self) -> None:
