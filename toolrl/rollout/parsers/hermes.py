@@ -20,11 +20,10 @@ Run `python -m pytest tests/unit/test_parser_hermes.py` to exercise it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any
 
-from toolrl.rollout.parsers.base import CallLimit, ParsedTurn
+from toolrl.rollout.parsers.base import CallLimit, ParsedTurn, collect_calls
+from toolrl.rollout.parsers.json_calls import call_from_object, loads
 from toolrl.rollout.trajectory import ToolCall
 
 OPEN = "<tool_call>"
@@ -39,22 +38,11 @@ class HermesParser(CallLimit):
 
     def __call__(self, text: str) -> ParsedTurn:
         content, bodies = split_blocks(strip_end_of_turn(text))
-        calls: list[ToolCall] = []
-        errors: list[str] = []
-        for i, body in enumerate(bodies, start=1):
-            if body is None:
-                errors.append(f"tool call {i}: {OPEN} is not closed with {CLOSE}")
-                continue
-            parsed = parse_call(body)
-            if isinstance(parsed, str):
-                errors.append(f"tool call {i}: {parsed}")
-            elif len(calls) >= self.max_parallel_calls:
-                errors.append(
-                    f"tool call {i}: not run: at most {self.max_parallel_calls} "
-                    "tool calls are allowed in one turn"
-                )
-            else:
-                calls.append(parsed)
+        results = [
+            f"{OPEN} is not closed with {CLOSE}" if body is None else parse_call(body)
+            for body in bodies
+        ]
+        calls, errors = collect_calls(results, self.max_parallel_calls)
         return ParsedTurn(content=content, calls=calls, errors=errors)
 
 
@@ -99,61 +87,5 @@ def parse_call(body: str) -> ToolCall | str:
     body = body.strip()
     if not body:
         return f"empty tool call; expected {_SHAPE}"
-    obj = _loads(body)
-    if isinstance(obj, str):
-        return obj
-    value = obj[0]
-    if not isinstance(value, dict):
-        return f"expected a JSON object {_SHAPE}, got {_json_type(value)}"
-    name = value.get("name")
-    if "name" not in value:
-        return 'missing "name"'
-    if not isinstance(name, str) or not name:
-        return f'"name" must be a non-empty string, got {_json_type(name)}'
-    if "arguments" not in value:
-        return 'missing "arguments" (use {} for a call without arguments)'
-    arguments = value["arguments"]
-    if isinstance(arguments, str):
-        # Some models JSON-encode the arguments a second time; accept it if it is an object.
-        decoded = _loads(arguments)
-        if isinstance(decoded, str) or not isinstance(decoded[0], dict):
-            return '"arguments" must be a JSON object, got a string that is not one'
-        arguments = decoded[0]
-    if not isinstance(arguments, dict):
-        return f'"arguments" must be a JSON object, got {_json_type(arguments)}'
-    return ToolCall(name=name, arguments=arguments)
-
-
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
-
-
-def _loads(text: str) -> tuple[Any] | str:
-    """json.loads that returns (value,) or an error message, and never raises."""
-    try:
-        return (json.loads(text, parse_constant=_reject_constant),)
-    except (ValueError, RecursionError) as e:
-        return json_error(e)
-
-
-def json_error(e: ValueError | RecursionError, start: int = 0) -> str:
-    """The model-readable message for a JSON value that failed to decode from `start` on."""
-    if isinstance(e, json.JSONDecodeError):
-        return f"invalid JSON: {e.msg} at char {e.pos - start}"
-    if isinstance(e, RecursionError):
-        return "invalid JSON: nested too deeply"
-    return f"invalid JSON: {e}"  # NaN/Infinity, integers longer than Python's digit limit
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    obj = loads(body)
+    return obj if isinstance(obj, str) else call_from_object(obj[0], ("arguments",))

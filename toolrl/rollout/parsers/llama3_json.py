@@ -17,22 +17,19 @@ Run `python -m pytest tests/unit/test_parsers.py -k llama3` to exercise it.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from toolrl.rollout.parsers.base import (
     CallLimit,
     ParsedTurn,
     collect_calls,
 )
-from toolrl.rollout.parsers.hermes import _json_type, _loads, _reject_constant, json_error
+from toolrl.rollout.parsers.json_calls import call_from_object, decode_at, skip_space
 from toolrl.rollout.trajectory import ToolCall
 
 PYTHON_TAG = "<|python_tag|>"
 END_MARKERS = ("<|eot_id|>", "<|eom_id|>")
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _NEXT_CALL = re.compile(r";\s*\{")
 
 
@@ -74,63 +71,21 @@ def split_calls(body: str) -> tuple[list[ToolCall | str], str]:
     not start another one is returned as content rather than dropped.
     """
     results: list[ToolCall | str] = []
-    pos = _skip_space(body, 0)
+    pos = skip_space(body, 0)
     while pos < len(body):
-        decoded = _decode_at(body, pos)
+        decoded = decode_at(body, pos)
         if isinstance(decoded, str):
             results.append(decoded)
             found = _NEXT_CALL.search(body, pos + 1)
             if found is None:
                 return results, ""
-            pos = _skip_space(body, found.start() + 1)
+            pos = skip_space(body, found.start() + 1)
             continue
         value, end = decoded
         results.append(call_from_object(value, ("parameters", "arguments")))
-        pos = _skip_space(body, end)
+        pos = skip_space(body, end)
         if pos < len(body) and body[pos] == ";":
-            pos = _skip_space(body, pos + 1)
+            pos = skip_space(body, pos + 1)
         elif pos < len(body) and body[pos] != "{":
             return results, body[pos:].strip()
     return results, ""
-
-
-def _decode_at(text: str, pos: int) -> tuple[Any, int] | str:
-    """Decode one JSON value starting at `pos`: (value, end) or an error message."""
-    try:
-        return _DECODER.raw_decode(text, pos)
-    except (ValueError, RecursionError) as e:
-        return json_error(e, start=pos)
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos
-
-
-def call_from_object(value: Any, keys: tuple[str, ...]) -> ToolCall | str:
-    """Check a decoded `{"name": ..., <key>: {...}}` and build its ToolCall, or say why not.
-
-    `keys` lists the accepted names of the arguments field, first preferred. Arguments that
-    were JSON-encoded a second time (a string holding an object) are accepted.
-    """
-    shape = '{"name": "<tool name>", "' + keys[0] + '": {...}}'
-    if not isinstance(value, dict):
-        return f"expected a JSON object {shape}, got {_json_type(value)}"
-    if "name" not in value:
-        return 'missing "name"'
-    name = value["name"]
-    if not isinstance(name, str) or not name:
-        return f'"name" must be a non-empty string, got {_json_type(name)}'
-    key = next((k for k in keys if k in value), None)
-    if key is None:
-        return f'missing "{keys[0]}" (use {{}} for a call without arguments)'
-    arguments = value[key]
-    if isinstance(arguments, str):
-        decoded = _loads(arguments)
-        if isinstance(decoded, str) or not isinstance(decoded[0], dict):
-            return f'"{key}" must be a JSON object, got a string that is not one'
-        arguments = decoded[0]
-    if not isinstance(arguments, dict):
-        return f'"{key}" must be a JSON object, got {_json_type(arguments)}'
-    return ToolCall(name=name, arguments=arguments)

@@ -28,7 +28,8 @@ from toolrl.rollout.parsers.base import (
     ParsedTurn,
     collect_calls,
 )
-from toolrl.rollout.parsers.llama3_json import _decode_at, call_from_object, strip_end_markers
+from toolrl.rollout.parsers.json_calls import call_from_object, decode_at, skip_space
+from toolrl.rollout.parsers.llama3_json import strip_end_markers
 from toolrl.rollout.trajectory import ToolCall
 
 TOOL_CALLS = "[TOOL_CALLS]"
@@ -62,21 +63,21 @@ class MistralParser(CallLimit):
 def parse_array(text: str) -> list[ToolCall | str]:
     """Parse a pre-v11 `[{...}, {...}]` element by element (text starts with `[`)."""
     results: list[ToolCall | str] = []
-    pos = _skip_space(text, 1)
+    pos = skip_space(text, 1)
     while pos < len(text) and text[pos] != "]":
-        decoded = _decode_at(text, pos)
+        decoded = decode_at(text, pos)
         if isinstance(decoded, str):
             results.append(decoded)
             found = _NEXT_ELEMENT.search(text, pos + 1)
             if found is None:
                 return results
-            pos = _skip_space(text, found.start() + 1)
+            pos = skip_space(text, found.start() + 1)
             continue
         value, end = decoded
         results.append(_with_id(call_from_object(value, ("arguments", "parameters")), value))
-        pos = _skip_space(text, end)
+        pos = skip_space(text, end)
         if pos < len(text) and text[pos] == ",":
-            pos = _skip_space(text, pos + 1)
+            pos = skip_space(text, pos + 1)
         elif pos < len(text) and text[pos] != "]":
             results.append(f"expected ',' or ']' after a tool call, got {text[pos:][:20]!r}")
             return results
@@ -96,7 +97,7 @@ def parse_named(segment: str) -> list[ToolCall | str]:
             return results
         name, _, call_id = (part.strip() for part in head.partition(CALL_ID))
         tail = tail.lstrip()
-        decoded = _decode_at(tail, 0)
+        decoded = decode_at(tail, 0)
         if not _NAME.fullmatch(name):
             results.append(f"expected a tool name before {ARGS}, got {name[:40]!r}")
         elif isinstance(decoded, str):
@@ -129,9 +130,3 @@ def _after_name(text: str, args_pos: int) -> str:
     while start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_.-"):
         start -= 1
     return text[start:]
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos

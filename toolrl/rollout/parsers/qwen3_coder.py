@@ -35,7 +35,8 @@ from toolrl.rollout.parsers.base import (
     ParsedTurn,
     collect_calls,
 )
-from toolrl.rollout.parsers.hermes import CLOSE, OPEN, _loads, split_blocks, strip_end_of_turn
+from toolrl.rollout.parsers.hermes import CLOSE, OPEN, split_blocks, strip_end_of_turn
+from toolrl.rollout.parsers.json_calls import loads
 from toolrl.rollout.trajectory import ToolCall
 
 FUNCTION = "<function="
@@ -107,7 +108,7 @@ def parse_parameters(inner: str) -> dict[str, Any] | str:
 def convert_value(raw: str) -> Any:
     """Drop the newline framing a value; JSON numbers/bools/null/objects/arrays convert."""
     value = raw.removeprefix("\n").removesuffix("\n")
-    decoded = _loads(value)
+    decoded = loads(value)
     if isinstance(decoded, str) or isinstance(decoded[0], str):
         return value
     return decoded[0]
