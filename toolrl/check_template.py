@@ -8,9 +8,13 @@ Before training a model with tools, run
 It loads the tokenizer from the local folder (no downloads), builds the append-only
 `ChatBuilder` with a probe tool, and prints: the end-of-turn token the engine stops at,
 whether tool turns are append-only (and if not, the builder's reason), the ids and text the
-builder appends after a tool-calling turn, how the template writes a tool's text, whether
-it renders tool schemas, whether it drops reasoning of earlier turns, and which parser in
-conf/parser/ matches its tool-call format. Exit status: 0 usable, 1 not usable, 2 bad path.
+builder appends after a tool-calling turn, whether those ids are the tokenizer's ids of the
+template's own render for tool answers that start and end with punctuation, whitespace, a
+newline or nothing (where a vocabulary merges template text and tool text into one token,
+like Qwen's `.\\n`), how the template writes a tool's text, whether it renders tool
+schemas, whether it drops reasoning of earlier turns, whether its generation prompt opens a
+`<think>` block (turns start inside reasoning), and which parser in conf/parser/
+matches its tool-call format. Exit status: 0 usable, 1 not usable, 2 bad path.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from toolrl.rollout.parsers.llama3_json import Llama3JsonParser
 from toolrl.rollout.parsers.mistral import MistralParser
 from toolrl.rollout.parsers.pythonic import PythonicParser
 from toolrl.rollout.parsers.qwen3_coder import Qwen3CoderParser
+from toolrl.rollout.parsers.reasoning import TagReasoning
 from toolrl.rollout.trajectory import ToolResult
 
 PROBE_TOOL: dict[str, Any] = {
@@ -45,6 +50,10 @@ PROBE_TOOL: dict[str, Any] = {
 }
 PROBE_ARGS = {"city": "Paris"}
 PROBE_REASONING = "toolrl-probe-reasoning"
+PROBE_CALL_ID = "probe0001"  # 9 characters, as Mistral's templates require
+# Tool answers whose edges meet the template's text: a seam a vocabulary may merge across.
+SEAM_ANSWERS = ("", "x", "x.", "x}", "x]", "x)", " x", "x ", "\nx\n", "{}", "é", ".x", "}x")
+SEAM_ANSWERS += ("\n", " ", "(no output)", "x\n[output truncated: 12 more tokens]")
 _USER = {"role": "user", "content": "Weather in Paris?"}
 # conf/parser/<name>.yaml by the markers of the format, most specific first: Qwen3-Coder's
 # XML also sits in <tool_call>, and Llama 3.1 writes "parameters" where Hermes has "arguments".
@@ -66,9 +75,11 @@ class Report:
     append_only: str = "not checked"
     glue_text: str | None = None
     glue_ids: list[int] = field(default_factory=list)
+    seams: str = "not checked"
     content_form: str | None = None
     renders_tools: str = "not checked"
     strips_reasoning: str = "not checked"
+    opens_reasoning: str = "not checked"
     parser: str = "unknown"
     problems: list[str] = field(default_factory=list)
 
@@ -83,9 +94,11 @@ class Report:
             f"end-of-turn token: {self.eos!r} (id {self.eos_id})",
             f"tool turns append-only: {self.append_only}",
             f"glue after a tool-calling turn (one answer 'RESULT'): {glue}",
+            f"tool turns token-exact with the render: {self.seams}",
             f"tool output written: {self.content_form or '-'}",
             f"renders tool schemas: {self.renders_tools}",
             f"strips reasoning from earlier turns: {self.strips_reasoning}",
+            f"turns start inside <think> (the prompt opens it): {self.opens_reasoning}",
             f"tool-call format looks like parser: {self.parser}",
             f"usable: {verdict}",
         ]
@@ -116,6 +129,43 @@ def _check_builder(tok: Any, report: Report) -> None:
     report.glue_ids = chat.tool_turn_ids([ToolResult("toolrl_probe", "RESULT")])
     report.glue_text = chat.decode(report.glue_ids)
     report.content_form = chat.content_form
+    opened = TagReasoning().opened_by(chat.generation_prompt)
+    report.opens_reasoning = "yes (use parser/reasoning=qwen3)" if opened else "no"
+    _check_seams(tok, chat, report)
+
+
+def _check_seams(tok: Any, chat: ChatBuilder, report: Report) -> None:
+    """For each of SEAM_ANSWERS: are the ids of the template's render of a conversation with
+    that tool answer its ids through the call turn's end plus the builder's tool turn?"""
+    call = {"id": PROBE_CALL_ID, "type": "function"}
+    call["function"] = {"name": "toolrl_probe", "arguments": PROBE_ARGS}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    prompt = _render(tok, [_USER], [PROBE_TOOL], gen=True)
+    bad = []
+    answer = {"role": "tool", "name": "toolrl_probe", "tool_call_id": PROBE_CALL_ID}
+    for text in SEAM_ANSWERS:
+        try:
+            full = _render(tok, [_USER, turn, {**answer, "content": text}], [PROBE_TOOL], True)
+        except Exception as e:  # the template's raise_exception() or a field it lacks
+            report.seams = f"error: {type(e).__name__}: {e}"
+            return
+        end = full.find(chat.turn_end, len(prompt)) + len(chat.turn_end)
+        built = chat.tool_turn_ids([ToolResult("toolrl_probe", text, call_id=PROBE_CALL_ID)])
+        if _encode(tok, full[:end]) + built != _encode(tok, full):
+            bad.append(text)
+    n = len(SEAM_ANSWERS)
+    if not bad:
+        report.seams = f"yes ({n} tool answers with edge punctuation, whitespace or nothing)"
+        return
+    report.seams = f"no: {len(bad)} of {n} answers differ: {', '.join(map(repr, bad))}"
+    report.problems.append(
+        "the tool turn's ids differ from the tokenizer's ids of the template's render for "
+        f"tool answers {', '.join(map(repr, bad))}: a train/serve mismatch"
+    )
+
+
+def _encode(tok: Any, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
 
 
 def _check_renders(tok: Any, report: Report) -> None:

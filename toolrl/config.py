@@ -107,8 +107,13 @@ class RayConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # The call parser; its `reasoning` entry is the reasoning step run before it (parser_parts).
+    # The same as conf/parser/hermes.yaml composes, for a Config built in Python.
     parser: Target = field(
-        default_factory=lambda: {"_target_": "toolrl.rollout.parsers.hermes.HermesParser"}
+        default_factory=lambda: {
+            "_target_": "toolrl.rollout.parsers.hermes.HermesParser",
+            "reasoning": {"_target_": "toolrl.rollout.parsers.reasoning.TagReasoning"},
+        }
     )
     tools: dict[str, Target] = field(default_factory=dict)
     task: Target = field(
@@ -174,6 +179,38 @@ def instantiate(spec: Target, **extra: Any) -> Any:
     return hydra_instantiate(spec, **extra, _convert_="all")
 
 
+NO_REASONING: Target = {"_target_": "toolrl.rollout.parsers.reasoning.NoReasoning"}
+
+
+def parser_parts(spec: Target) -> tuple[Target, Target]:
+    """The call parser's spec and its reasoning step's: `parser.reasoning` is reserved for the
+    step (none if absent), every other key goes to the parser."""
+    parser = {k: v for k, v in spec.items() if k != "reasoning"}
+    return parser, spec.get("reasoning") or NO_REASONING
+
+
+def build_parser(spec: Target, tool_schemas: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """The call parser and its reasoning step from `parser` in the config.
+
+    The contract, once: a parser is any callable `text -> ParsedTurn`; it receives the turn's
+    text after the reasoning step, and the tools' schemas as `tool_schemas=` when its
+    constructor accepts that keyword (qwen3_coder types values by them). `validate` builds
+    it the same way, so what fails here fails before Ray starts."""
+    parser_spec, reasoning_spec = parser_parts(spec)
+    params = inspect.signature(resolve_target("parser", parser_spec)).parameters
+    takes = "tool_schemas" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {"tool_schemas": tool_schemas} if takes else {}
+    resolve_target("parser.reasoning", reasoning_spec)
+    return _build("parser", parser_spec, **extra), _build("parser.reasoning", reasoning_spec)
+
+
+def _build(key: str, spec: Target, **extra: Any) -> Any:
+    try:
+        return instantiate(spec, **extra)
+    except Exception as e:  # Hydra wraps the constructor's own ValueError
+        raise ConfigError(f"{key}: {e}") from e
+
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -229,7 +266,7 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.tools), "tools", "no tools configured; add one, e.g. tools=calculator")
     for name, spec in cfg.tools.items():
         _check_tool(f"tools.{name}", spec)
-    resolve_target("parser", cfg.parser)
+    _check_parser(cfg.parser)
     resolve_target("task", cfg.task)
     resolve_target("algorithm.advantages", a.advantages)
 
@@ -269,6 +306,12 @@ def _check_tool(where: str, spec: Target) -> None:
             preflight(**kwargs)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from e
+
+
+def _check_parser(spec: Target) -> None:
+    """Build the parser and its reasoning step once (without the tools' schemas, which need
+    the tools built), so a bad argument fails before Ray."""
+    build_parser(spec, [])
 
 
 def _check_samplers(cfg: Config) -> None:

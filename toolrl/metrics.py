@@ -32,6 +32,7 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
         f"{prefix}/turns": mean(len(t.turns) for t in trajs),
         f"{prefix}/tool_calls": mean(t.num_tool_calls for t in trajs),
         f"{prefix}/tool_errors": mean(t.num_tool_errors for t in trajs),
+        f"{prefix}/calls_in_reasoning": mean(t.num_reasoning_calls for t in trajs),
         f"{prefix}/truncated": mean(
             any(u.finish_reason == "length" for u in t.turns) for t in trajs
         ),

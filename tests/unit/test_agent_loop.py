@@ -4,7 +4,10 @@ and chat template (the real-vLLM version of these checks is tests/integration/te
 from __future__ import annotations
 
 import asyncio
+import copy
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -230,3 +233,76 @@ def test_a_session_that_cannot_open_is_an_infra_fault(tok):
     t = run(loop)
     assert t.infra_error and "no sandbox" in t.infra_error
     assert not any(e[0] == "close" for e in rec.log)  # never opened, so nothing to close
+
+
+# --- the reasoning step runs before the parser -------------------------------------------
+
+
+def trl_template(name: str) -> str:
+    """A real chat template shipped by trl (read as a file; trl is never imported)."""
+    spec = importlib.util.find_spec("trl")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps trl==1.16.0"
+    return (Path(spec.submodule_search_locations[0]) / "chat_templates" / name).read_text()
+
+
+def _reasoning_loop(tok, script, template: str | None = None):
+    from toolrl.rollout.parsers.reasoning import TagReasoning
+
+    if template is not None:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = trl_template(template)
+    loop, engine, chat = make_loop(tok, script, {"rec": Recorder()}, max_total_tokens=4096)
+    loop = AgentLoop(
+        engine, chat, HermesParser(), loop.tools, loop.reward, loop.cfg, TagReasoning()
+    )
+    return loop, engine, chat
+
+
+def run_long(loop):
+    return asyncio.run(loop.run(EP, Sampler(max_new_tokens=256)))
+
+
+def test_calls_inside_reasoning_are_counted_never_run(tok):
+    thought = "<think>\nMaybe " + call("1 + 1", name="rec") + " would help.\n</think>\n\n"
+    script = replies(thought + call("6 * 7", name="rec") + "<|im_end|>", "42<|im_end|>")
+    loop, _, _ = _reasoning_loop(tok, script)
+    t = run_long(loop)
+    assert [c.arguments for c in t.turns[0].calls] == [{"expression": "6 * 7"}]
+    assert t.turns[0].reasoning_calls == 1 and t.num_reasoning_calls == 1
+    assert [r.content for r in t.turns[0].results] == ["rec:6 * 7"]
+    assert [e for e, _ in loop.tools["rec"].log].count("call") == 1
+    assert t.num_tool_errors == 0 and t.info["final_text"] == "42"
+
+
+def test_unclosed_reasoning_holds_no_calls_and_no_errors(tok):
+    script = replies("<think>\n" + call("6 * 7", name="rec") + "<|im_end|>")
+    loop, _, _ = _reasoning_loop(tok, script)
+    t = run_long(loop)
+    assert len(t.turns) == 1 and t.turns[0].calls == [] and t.num_tool_errors == 0
+    assert t.turns[0].reasoning_calls == 1 and loop.tools["rec"].log == []
+
+
+def test_a_block_the_prompt_opened_ends_at_the_first_end_tag(tok):
+    # Qwen3.5's thinking template ends its generation prompt with "<think>\n": the turn
+    # starts inside the block, with no opening tag in what the model samples.
+    inner = "Let me " + call("1 + 1", name="rec") + "\n</think>\n\n"
+    final = "Done.\n</think>\n\nThe answer: 42<|im_end|>"  # the tool turn reopens it too
+    script = replies(inner + call("6 * 7", name="rec") + "<|im_end|>", final)
+    loop, _, chat = _reasoning_loop(tok, script, template="qwen3_5_think.jinja")
+    assert chat.generation_prompt.endswith("<think>\n") and loop.opens_reasoning
+    t = run_long(loop)
+    assert [c.arguments for c in t.turns[0].calls] == [{"expression": "6 * 7"}]
+    assert t.turns[0].reasoning_calls == 1 and t.info["final_text"] == "The answer: 42"
+    # the embedded template opens no block, so the same text would hold two calls
+    assert not _reasoning_loop(tok, script)[0].opens_reasoning
+
+
+def test_a_think_tag_in_a_tool_description_opens_no_reasoning(tok):
+    # Only what the generation prompt adds decides it, not the tool schemas above it.
+    from toolrl.rollout.parsers.reasoning import TagReasoning
+
+    schema = Calculator().schema()
+    schema["function"]["description"] = "Wrap thoughts in <think> before calling."
+    chat = ChatBuilder(tok, [schema])
+    assert chat.generation_prompt == "<|im_start|>assistant\n"
+    assert not TagReasoning().opened_by(chat.generation_prompt)

@@ -68,6 +68,7 @@ def test_embedded_model_is_usable(embedded_base: str, capsys) -> None:
     assert glue + "<|im_start|>assistant\\n' ids=[" in out
     assert "renders tool schemas: yes" in out and "tool output written: as is" in out
     assert "strips reasoning from earlier turns: no" in out
+    assert "turns start inside <think> (the prompt opens it): no" in out
     assert "parser: hermes (conf/parser/hermes.yaml" in out and "parses the template's own" in out
     assert out.rstrip().endswith("usable: yes")
 
@@ -81,6 +82,14 @@ def test_real_llama3_1_template_in_a_model_folder(embedded_base: str, tmp_path, 
     assert '<|start_header_id|>ipython<|end_header_id|>\\n\\n"RESULT"<|eot_id|>' in out
     assert "tool output written: JSON string" in out
     assert "parser: llama3_json" in out
+
+
+def test_a_thinking_template_that_opens_the_block(embedded_base: str, capsys) -> None:
+    # Qwen3.5's thinking template ends the generation prompt with "<think>\n"
+    code, out = run(
+        capsys, embedded_base, "--template", str(trl_template_file("qwen3_5_think.jinja"))
+    )
+    assert "turns start inside <think> (the prompt opens it): yes" in out, out
 
 
 def test_template_override_and_refusals(embedded_base: str, tmp_path, capsys) -> None:
@@ -118,3 +127,33 @@ def test_runs_as_a_module(embedded_base: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "usable: yes" in proc.stdout
+
+
+def test_tool_answer_seams_on_qwen2_5_real_vocabulary(tmp_path, capsys, monkeypatch) -> None:
+    from tests import realtok
+    from toolrl.rollout.chat import ChatBuilder
+
+    folder = str(realtok.folder_or_skip("qwen2_5"))
+    template = str(trl_template_file("qwen2_5.jinja"))
+    code, out = run(capsys, folder, "--template", template)
+    assert code == 0 and "tool turns token-exact with the render: yes (17 tool" in out, out
+    # The tool turn encoded as toolrl did before: template text and tool text apart. Qwen's
+    # vocabulary merges an answer's last "." or "}" with the "\n" after it, and the "\n"
+    # around an empty answer, so those answers' ids are not the render's.
+    joint = ChatBuilder._encode_turn
+
+    def apart(self: ChatBuilder, parts: list[str]) -> list[int]:
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            ids += joint(self, [part]) if k % 2 == 0 else self._encode_plain(part)
+        return ids
+
+    monkeypatch.setattr(ChatBuilder, "_encode_turn", apart)
+    code, out = run(capsys, folder, "--template", template)
+    line = next(x for x in out.splitlines() if x.startswith("tool turns token-exact"))
+    assert code == 1 and line.startswith("tool turns token-exact with the render: no: "), out
+    # answers whose edges are letters (x, " x", é, ".x", "}x") meet "\n" without merging
+    differ = ["", "x.", "x}", "x]", "x)", "x ", "\nx\n", "{}", "\n", " ", "(no output)"]
+    differ += ["x\n[output truncated: 12 more tokens]"]
+    assert line.endswith(f"no: 12 of 17 answers differ: {', '.join(map(repr, differ))}"), line
+    assert "a train/serve mismatch" in out.splitlines()[-1]

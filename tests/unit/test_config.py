@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from toolrl.config import ConfigError, instantiate, register, to_config, validate
+from toolrl.config import ConfigError, build_parser, instantiate, register, to_config, validate
+from toolrl.rollout.parsers.reasoning import Reasoned
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register()
@@ -27,7 +28,8 @@ def test_default_config_validates_and_every_target_instantiates():
     assert cfg.trainer.train_group.world_size >= 1
     tools = [instantiate(spec) for spec in cfg.tools.values()]
     assert [t.name for t in tools] == ["calculator"]
-    assert callable(instantiate(cfg.parser))
+    parser, reasoning = build_parser(cfg.parser, [t.schema() for t in tools])
+    assert callable(parser) and reasoning("<think>x</think>y").text == "y"
     assert instantiate(cfg.rollout.sampler).temperature == cfg.rollout.sampler["temperature"]
     task = instantiate(cfg.task)
     assert task.prompts("train") and task.prompts("eval")
@@ -66,6 +68,9 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("logger.wandb_mode=sometimes", "logger.wandb_mode"),
         ("algorithm.mini_batches=1000", "algorithm.mini_batches"),
         ("parser._target_=toolrl.rollout.parsers.nope.Parser", "parser._target_"),
+        ("parser.max_parallel_calls=0", "parser"),
+        ("parser.reasoning._target_=nope.Step", "parser.reasoning._target_"),
+        ("parser.reasoning.end=''", "parser.reasoning"),
         ("+tools.calculator.max_digitz=3", "tools.calculator"),
         ("rollout.sampler.temperature=0.7", "rollout.sampler"),
         ("rollout.eval_sampler.top_p=0", "rollout.eval_sampler.top_p"),
@@ -132,8 +137,35 @@ def test_every_shipped_tool_instantiates(name):
 
 
 @pytest.mark.parametrize("name", [p.stem for p in Path(CONF, "parser").glob("*.yaml")])
-def test_every_shipped_parser_instantiates(name):
-    cfg = load(f"parser={name}")
+@pytest.mark.parametrize("reasoning", ["none", "qwen3", "mistral"])
+def test_every_shipped_parser_instantiates(name, reasoning):
+    cfg = load(f"parser={name}", f"parser/reasoning={reasoning}")
     validate(cfg)
-    parsed = instantiate(cfg.parser)("plain text, no calls")
+    parser, step = build_parser(cfg.parser, [])
+    parsed = parser(step("plain text, no calls").text)
     assert parsed.calls == [] and parsed.errors == []
+    thought = {"none": "", "qwen3": "<think>a</think>", "mistral": "[THINK]a[/THINK]"}[reasoning]
+    assert step(thought + "b") == Reasoned(
+        "a" if thought else "", thought + "b" if not thought else "b"
+    )
+
+
+def test_the_tools_schemas_reach_a_parser_that_takes_them():
+    schema = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"n": {"type": "integer"}, "s": {"type": "string"}},
+            },
+        },
+    }
+    text = "<tool_call>\n<function=f>\n<parameter=n>\n5\n</parameter>\n<parameter=s>\n5\n</parameter>\n</function>\n</tool_call>"
+    parser, _ = build_parser(load("parser=qwen3_coder").parser, [schema])
+    assert parser(text).calls[0].arguments == {"n": 5, "s": "5"}
+    parser, _ = build_parser(load("parser=qwen3_coder").parser, [])  # no schema: strings
+    assert parser(text).calls[0].arguments == {"n": "5", "s": "5"}
+    # a parser that takes no schemas (a user's function) is built without them
+    spec = {"_target_": "toolrl.rollout.parsers.hermes.HermesParser", "max_parallel_calls": 2}
+    assert build_parser(spec, [schema])[0].max_parallel_calls == 2

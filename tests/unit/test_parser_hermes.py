@@ -84,7 +84,9 @@ def test_invalid_json_gives_one_error_and_keeps_other_calls() -> None:
             '{"name": "f", "arguments": {"x": NaN}}',
             "invalid JSON: NaN is not valid JSON",
         ),
-        ('{"name": "f", "arguments": {}} trailing', "invalid JSON: Extra data"),
+        ('{"name": "f", "arguments": {}} trailing', "invalid JSON: Extra data at char 31"),
+        ('{"name": "f", "arguments": {"a": 1, "a": 2}}', 'key "a" is given twice'),
+        ('{"name": "f", "name": "g", "arguments": {}}', 'key "name" is given twice'),
         ("", "empty tool call"),
         ("   \n ", "empty tool call"),
         ("[" * 100_000, "invalid JSON"),
@@ -216,7 +218,7 @@ def _mutate(rng: random.Random, text: str) -> str:
     return "".join(chars)
 
 
-def test_fuzz_never_raises_and_accounts_for_every_block() -> None:
+def test_fuzz_never_raises_and_accounts_for_blocks() -> None:
     rng = random.Random(1234)
     parser = HermesParser(max_parallel_calls=3)
     for n in range(4000):
@@ -230,5 +232,7 @@ def test_fuzz_never_raises_and_accounts_for_every_block() -> None:
             assert isinstance(call.name, str) and call.name
             assert isinstance(call.arguments, dict)
         assert all(isinstance(e, str) and e.startswith("tool call ") for e in turn.errors)
-        # Every opening tag yields exactly one call or one error: nothing is lost silently.
-        assert len(turn.calls) + len(turn.errors) == text.count(OPEN)
+        # An opening tag inside a JSON string is data, so blocks can be fewer than tags; but
+        # a turn with a tag never loses every block silently, and without one has none.
+        blocks = len(turn.calls) + len(turn.errors)
+        assert (blocks >= 1 if OPEN in text else blocks == 0) and blocks <= text.count(OPEN)

@@ -4,10 +4,14 @@ One coroutine per trajectory over an async engine, so trajectories advance on th
 a slow tool call in one never holds up the others, and the engine batches whatever
 turns are waiting. Per turn:
 
-    generate until end of turn ──► parse calls ──► no calls: final answer, done
-                                        │
-                                        └─► run calls concurrently (each with a timeout)
-                                            ──► append glue + answers (mask 0) ──► next turn
+    generate until end of turn ──► strip reasoning ──► parse calls ──► no calls: final answer
+                                                            │
+                                   run calls concurrently ◄─┘  (each with a timeout)
+                                   ──► append glue + answers (mask 0) ──► next turn
+
+Calls the model wrote inside its reasoning are never run; each turn counts them
+(`Turn.reasoning_calls`), since a policy that learns to "call" tools while thinking is worth
+seeing on a curve.
 
 The loop is a plain class driven by tests with a fake engine (tests/unit/test_agent_loop.py)
 and by the rollout worker with vLLM (toolrl/workers/rollout.py).
@@ -24,6 +28,7 @@ from typing import Any, TypeVar
 
 from toolrl.rollout.chat import ChatBuilder
 from toolrl.rollout.parsers.base import ParsedTurn
+from toolrl.rollout.parsers.reasoning import NoReasoning, ReasoningStep
 from toolrl.rollout.sampler import Engine, Sampler
 from toolrl.rollout.trajectory import ToolCall, ToolResult, Trajectory, Turn
 from toolrl.tools.base import Tool, ToolInfraError
@@ -58,9 +63,14 @@ class AgentLoop:
         tools: dict[str, Tool],
         reward: Callable[[str, str], float],
         cfg: LoopConfig,
+        reasoning: ReasoningStep | None = None,
     ) -> None:
         self.engine, self.chat, self.parser, self.tools = engine, chat, parser, tools
         self.reward, self.cfg = reward, cfg
+        self.reasoning = reasoning or NoReasoning()
+        # Every turn continues the same assistant header (the prompt's and each tool turn's),
+        # so whether the template opens a reasoning block there is decided once.
+        self.opens_reasoning = self.reasoning.opened_by(chat.generation_prompt)
         self.weight_version = 0
 
     async def run_many(self, episodes: list[Episode], sampler: Sampler) -> list[Trajectory]:
@@ -108,8 +118,11 @@ class AgentLoop:
         start, end = traj.append_sampled(gen.token_ids, gen.logprobs)
         ended = bool(gen.token_ids) and gen.token_ids[-1] in self.chat.stop_token_ids
         finish = "stop" if gen.finish_reason == "stop" and ended else "length"
-        parsed = self.parser(self.chat.decode(gen.token_ids))
+        split = self.reasoning(self.chat.decode(gen.token_ids), self.opens_reasoning)
+        parsed = self.parser(split.text)
         turn = Turn(start, end, version, finish, parsed.calls, [], parsed.errors)
+        if split.reasoning:  # well-formed calls only: a thought may just mention the format
+            turn.reasoning_calls = len(self.parser(split.reasoning).calls)
         traj.turns.append(turn)
         return turn, parsed
 

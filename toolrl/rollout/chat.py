@@ -8,25 +8,34 @@ assistant turn calling the tools, their answers, the next header), check that it
 with the prompt as rendered for generation, and encode what follows the assistant turn's
 end-of-turn token. Nothing already in the trajectory is decoded or re-encoded.
 
-Tool output is encoded as plain text: a tool that prints `<|im_end|>` gets the ids of
-those characters, never the control token. The template parts around it keep theirs.
-The text is first put in the form the template writes it in (`CONTENT_FORMS`: as is for
-Qwen, a JSON string for Llama 3.1, stripped for templates that `|trim` it, and for Mistral
-v3 a JSON string or, for text that Jinja's `|int`/`|float` reads back unchanged such as
-"2146", the JSON number its `tojson` writes).
+Each tool turn is encoded as one text: the glue after the end-of-turn token, every tool
+answer and the template text between them, and the next assistant header. Real byte-level
+BPE vocabularies merge across the edges of tool text (in Qwen's, an answer ending in `.` or
+`}` merges with the template's "\\n" into `.\\n` or `"}\\n`, an empty answer leaves "\\n\\n"
+as one token, and in Qwen2.5 `<tool_response>\\n` ends in the token `>\\n`), so encoding the
+glue and the answers apart would give ids other than those of the same conversation when the
+model is served. Only the template's own control tokens (the added tokens in its text, like
+`<|im_end|>`) become their ids; the text between two of them is encoded as one run by the
+tokenizer's own normalizer, pre-tokenizer and model, as the tokenizer encodes the text
+between two added tokens of a whole render. Tool output is plain text: a tool that prints
+`<|im_end|>` gets the ids of those characters, never the control token, and the ids decode
+back to exactly its text. (A served tokenizer would make the control token of it: there
+the builder keeps the text and not the served ids, on purpose.) The tool text is first put
+in the form the template writes it in (`CONTENT_FORMS`: as is for Qwen, a JSON string for
+Llama 3.1, stripped for templates that `|trim` it, and for Mistral v3 a JSON string or, for
+text that Jinja's `|int`/`|float` reads back unchanged such as "2146", the JSON number its
+`tojson` writes).
 
 Templates that write call ids into the tool turn (Mistral's: `[TOOL_RESULTS]id[TOOL_CONTENT]`
 in v11, `{"content": ..., "call_id": "id"}` in v3) get their glue rendered on every tool
 turn with the ids of the calls (`ToolResult.call_id`, from `ToolCall.id` as the parser
-read it from the sampled turn), and the whole tool turn is encoded as one text, so that
-tokens merge across the edges of the tool text as in the template's own render (in v3's
-`{"content": "x", ...}` the ` "` and `",` around the text are single tokens). An id is written as the model sampled it when it is 9 ASCII
+read it from the sampled turn). An id is written as the model sampled it when it is 9 ASCII
 letters or digits: Mistral's form, the templates refuse other lengths, and the id is
 template text, where `[INST]` would become a control token. An answer whose id is missing
 (a parse error's answer, or a call sampled without one) or not of that form gets a
 generated id instead: the first 9 hex digits of the SHA-256 of its place in the turn, its
-name and its text, so the same tool turn always gets the same ids. Other templates' glue is
-rendered once per shape of tool turn (the tools' names) and cached.
+name and its text, so the same tool turn always gets the same ids. Other templates' glue
+text is rendered once per shape of tool turn (the tools' names) and cached.
 
 A template is refused with `TemplateError` when the builder cannot reproduce its tool
 turn: it re-renders the prompt, it ends tool-calling turns with something other than the
@@ -39,7 +48,8 @@ before the last user message and drops empty think blocks). The trajectory keeps
 reasoning ids exactly as sampled instead: the trainer must score the ids the policy
 sampled, with their rollout logprobs, in the context it sampled them in; re-rendering
 history without the reasoning would train on a context the model never saw.
-Run `python -m pytest tests/unit/test_real_templates.py` for this on real templates.
+Run `python -m pytest tests/unit/test_real_templates.py` for this on real templates, and
+tests/unit/test_real_vocab.py for token-exact tool turns on real vocabularies.
 
     python -m pytest tests/unit/test_chat.py tests/unit/test_real_templates.py
 """
@@ -111,8 +121,46 @@ def _call_id(result: ToolResult, k: int) -> str:
     return hashlib.sha256(key).hexdigest()[:9]
 
 
-# Ids before each tool answer and ids after the last one.
-_Glue = tuple[list[list[int]], list[int]]
+def _plain_encoder(tok: Any) -> Callable[[str], list[int]] | None:
+    """Encode text as a fast tokenizer encodes the text between two added tokens of a longer
+    text: its normalizer, pre-tokenizer and model, without matching any added token. None for
+    a tokenizer without a `tokenizers` backend.
+
+    A Metaspace pre-tokenizer that puts "▁" before the start of the text only (`first`, as in
+    Llama 2-style SentencePiece conversions) is used with `never`: the text encoded here never
+    starts a render, and its first word must not get a "▁" that the render does not have."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import pre_tokenizers
+
+    def no_first(pre: Any) -> Any:
+        if isinstance(pre, pre_tokenizers.Metaspace) and str(pre.prepend_scheme) == "first":
+            return pre_tokenizers.Metaspace(
+                replacement=pre.replacement, prepend_scheme="never", split=pre.split
+            )
+        if isinstance(pre, pre_tokenizers.Sequence):
+            return pre_tokenizers.Sequence([no_first(p) for p in _children(pre)])
+        return pre
+
+    norm, pre, model = backend.normalizer, no_first(backend.pre_tokenizer), backend.model
+
+    def encode(text: str) -> list[int]:
+        text = norm.normalize_str(text) if norm is not None else text
+        words = pre.pre_tokenize_str(text) if pre is not None else [(text, None)]
+        return [t.id for w, _ in words if w for t in model.tokenize(w)]
+
+    return encode
+
+
+def _children(seq: Any) -> list[Any]:
+    """The pre-tokenizers of a `tokenizers` Sequence (it indexes but has no len)."""
+    out = []
+    while True:
+        try:
+            out.append(seq[len(out)])
+        except IndexError:
+            return out
 
 
 class TemplateError(ValueError):
@@ -131,7 +179,9 @@ class ChatBuilder:
         self.turn_end_id: int = tokenizer.convert_tokens_to_ids(self.turn_end)
         added = sorted(getattr(tokenizer, "get_added_vocab", dict)(), key=len, reverse=True)
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
-        self._glue_cache: dict[tuple[str, ...], _Glue] = {}
+        self._plain = _plain_encoder(tokenizer)
+        # Template text before each tool answer and after the last one, per tools' names.
+        self._glue_cache: dict[tuple[str, ...], list[str]] = {}
         # Fail when the worker is built, not at the first tool call of the first step.
         self._probe_prompt = self._render(_PROMPT, generation_prompt=True)
         full = self._render_probe(_PROBE_NAMES, _probe_ids(0, 2))
@@ -146,6 +196,15 @@ class ChatBuilder:
     def stop_token_ids(self) -> list[int]:
         return [self.turn_end_id]
 
+    @property
+    def generation_prompt(self) -> str:
+        """The text `add_generation_prompt` adds: the assistant header every turn continues
+        (e.g. "<|im_start|>assistant\n", or with a "<think>\n" that opens reasoning). Only
+        this part, so a `<think>` in a tool's description cannot count as opening a block."""
+        without = self._render(_PROMPT, generation_prompt=False)
+        head = self._probe_prompt
+        return head[len(without) :] if head.startswith(without) else head
+
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(
             messages, tools=self.tools, add_generation_prompt=generation_prompt, tokenize=False
@@ -155,8 +214,12 @@ class ChatBuilder:
         return self.tok.encode(text, add_special_tokens=False)
 
     def _encode_plain(self, text: str) -> list[int]:
-        """Encode text so that no added or special token (`<|im_end|>`, `<tool_call>`) can form:
-        each occurrence of one is cut after its first character and encoded in pieces."""
+        """Encode text as one run in which no added or special token (`<|im_end|>`,
+        `<tool_call>`) can form. Without a `tokenizers` backend (a slow tokenizer), each
+        occurrence of one is cut after its first character and the pieces encoded apart,
+        which can differ from the render where the vocabulary merges across the cuts."""
+        if self._plain is not None:
+            return self._plain(text)
         ids, pos = [], 0
         for m in self._added.finditer(text) if self._added else ():
             ids += self._encode(text[pos : m.start()]) + self._encode(m.group()[0])
@@ -196,32 +259,27 @@ class ChatBuilder:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def tool_turn_ids(self, results: list[ToolResult]) -> list[int]:
-        """Ids to append after a turn that ended with the end-of-turn id: glue + tool answers + header."""
+        """Ids to append after a turn that ended with the end-of-turn id: glue, tool answers
+        and the next header, encoded as one text (see the module doc)."""
         form = CONTENT_FORMS[self.content_form]
         names = tuple(r.name for r in results)
         if self.writes_ids:
             call_ids = tuple(_call_id(r, k) for k, r in enumerate(results))
             texts = self._glue_texts(self._render_probe(names, call_ids), len(names))
-            parts = [p for t, r in zip(texts, results, strict=False) for p in (t, form(r.content))]
-            return self._encode_turn(parts + texts[-1:])
-        pieces, tail = self._glue(names)
-        ids: list[int] = []
-        for piece, r in zip(pieces, results, strict=True):
-            ids += piece + self._encode_plain(form(r.content))
-        return ids + tail
+        else:
+            texts = self._glue(names)
+        parts = [p for t, r in zip(texts, results, strict=False) for p in (t, form(r.content))]
+        return self._encode_turn(parts + texts[-1:])
 
-    def _glue(self, names: tuple[str, ...]) -> _Glue:
-        """The template's ids before each tool answer and after the last one.
+    def _glue(self, names: tuple[str, ...]) -> list[str]:
+        """The template's text before each tool answer and after the last one.
 
-        They depend only on the tools' names, not on what the tools said, so they are
-        rendered once per shape of tool turn instead of once per tool turn."""
+        It depends only on the tools' names, not on what the tools said, so it is rendered
+        once per shape of tool turn instead of once per tool turn. Only the text is cached:
+        its ids depend on the answers next to it."""
         if names not in self._glue_cache:
             full = self._render_probe(names, _probe_ids(0, len(names)))
-            texts = self._glue_texts(full, len(names))
-            self._glue_cache[names] = (
-                [self._encode(t) for t in texts[:-1]],
-                self._encode(texts[-1]),
-            )
+            self._glue_cache[names] = self._glue_texts(full, len(names))
         return self._glue_cache[names]
 
     def _check_prompt(self, full: str) -> None:

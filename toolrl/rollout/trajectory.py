@@ -55,6 +55,7 @@ class Turn:
     calls: list[ToolCall] = field(default_factory=list)
     results: list[ToolResult] = field(default_factory=list)
     parse_errors: list[str] = field(default_factory=list)
+    reasoning_calls: int = 0  # calls written inside the turn's reasoning: seen, never run
 
 
 @dataclass
@@ -100,6 +101,10 @@ class Trajectory:
     @property
     def num_tool_calls(self) -> int:
         return sum(len(t.calls) for t in self.turns)
+
+    @property
+    def num_reasoning_calls(self) -> int:
+        return sum(t.reasoning_calls for t in self.turns)
 
     @property
     def num_tool_errors(self) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import ray
 
-from toolrl.config import Target, instantiate
+from toolrl.config import Target, build_parser, instantiate
 from toolrl.rollout.agent_loop import AgentLoop, Episode, LoopConfig
 from toolrl.rollout.chat import ChatBuilder
 from toolrl.rollout.engine import EngineConfig, VLLMEngine
@@ -41,11 +41,12 @@ class RolloutWorker:
         self.engine = VLLMEngine(replace(spec.engine, model_path=spec.model_path))
         tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         tools = [instantiate(t) for t in spec.tools.values()]
-        chat = ChatBuilder(tokenizer, [t.schema() for t in tools])
+        schemas = [t.schema() for t in tools]
+        chat = ChatBuilder(tokenizer, schemas)
         task = instantiate(spec.task)
-        parser = instantiate(spec.parser)
+        parser, reasoning = build_parser(spec.parser, schemas)
         self.loop = AgentLoop(
-            self.engine, chat, parser, {t.name: t for t in tools}, task.reward, spec.loop
+            self.engine, chat, parser, {t.name: t for t in tools}, task.reward, spec.loop, reasoning
         )
         self.sampler = instantiate(spec.sampler)
         self.eval_sampler = instantiate(spec.eval_sampler)

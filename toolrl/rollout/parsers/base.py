@@ -48,6 +48,17 @@ class CallLimit:
         check_max_parallel_calls(self.max_parallel_calls)
 
 
+# A turn is read up to this many calls, well-formed or not; past it one error says the rest was
+# not read. So a turn of thousands of broken calls costs neither thousands of error answers
+# nor quadratic time (each JSON decode error counts lines from the start of the text).
+MAX_CALLS_READ = 64
+
+
+def room_to_read(results: list[ToolCall | str]) -> bool:
+    """Whether a parser should read another call: one past the limit, to know there is more."""
+    return len(results) <= MAX_CALLS_READ
+
+
 def collect_calls(
     results: list[ToolCall | str], max_parallel_calls: int
 ) -> tuple[list[ToolCall], list[str]]:
@@ -55,10 +66,15 @@ def collect_calls(
 
     A str result is why that call is malformed. Well-formed calls beyond
     `max_parallel_calls` each get an error saying they were not run, never a silent drop.
-    The wording matches `HermesParser`, e.g. `tool call 2: invalid JSON: ...`.
+    The wording matches `HermesParser`, e.g. `tool call 2: invalid JSON: ...`. Results past
+    MAX_CALLS_READ become one error.
     """
     calls: list[ToolCall] = []
     errors: list[str] = []
+    if len(results) > MAX_CALLS_READ:
+        results = results[:MAX_CALLS_READ] + [
+            f"not read, nor anything after it: a turn may hold at most {MAX_CALLS_READ} tool calls"
+        ]
     for i, result in enumerate(results, start=1):
         if isinstance(result, str):
             errors.append(f"tool call {i}: {result}")
