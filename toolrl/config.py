@@ -21,11 +21,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from toolrl.algo.losses import LossConfig
-from toolrl.rollout.engine import EngineConfig
-from toolrl.workers.actor import OptimConfig
-from toolrl.workers.train_group import TrainGroupConfig
-
 Target = dict[str, Any]  # a YAML mapping with a `_target_` key plus constructor arguments
 
 
@@ -34,6 +29,59 @@ class ConfigError(ValueError):
 
 
 EMBEDDED_TOOLS = ("calculator", "python")  # the styles of toolrl.models.warmstart.TOOL_STYLES
+
+
+# The small typed configs of the components live here, so that importing the config (and
+# validating one) needs no torch, vLLM or Ray; each component module re-exports its own.
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one vLLM engine (one rollout worker)."""
+
+    model_path: str = ""
+    dtype: str = "float32"  # bfloat16 on GPU
+    max_model_len: int = 1024
+    kv_cache_gib: int = 1  # CPU only: KV cache size (what VLLM_CPU_KVCACHE_SPACE sets)
+    gpu_memory_utilization: float = 0.5  # GPU only
+    enforce_eager: bool = True
+    seed: int = 0
+    # "raw_logprobs": log p(token | context) of the model itself, before temperature and
+    # top-p, i.e. what a training forward pass computes. "processed_logprobs": after them.
+    logprobs_mode: str = "raw_logprobs"
+    # CPU only. vLLM's default "auto" pins the worker's OpenMP threads to fixed cores
+    # (all but one, kept for its scheduler process): on 2 cores that is core 0, and every
+    # engine on the node computes the same list, so two engines would share one core.
+    # Unpinned, the OS moves the worker to whichever core training leaves free. One
+    # thread: with 2 threads on 2 cores shared with 2 busy torch processes throughput
+    # fell ~4x (OpenMP barriers wait for a descheduled thread). See `_cpu_thread_env`.
+    cpu_threads_bind: str = "nobind"  # VLLM_CPU_OMP_THREADS_BIND: "nobind", "auto", "0-3"
+    cpu_omp_threads: int = 1  # OMP_NUM_THREADS of the model worker when "nobind"
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # asymmetric clip (DAPO); = clip_low for vanilla PPO clip
+    kl_coef: float = 0.001  # KL to the reference (k3 estimator); 0 disables
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    warmup_steps: int = 0  # linear warm-up over this many updates
+
+
+@dataclass
+class TrainGroupConfig:
+    world_size: int = 2
+    num_cpus_per_worker: float = 0.5
+    num_gpus_per_worker: float = 0.0  # 1 on GPU machines; the ranks then use NCCL
+    torch_threads: int = 1
+    micro_batch_size: int = 32
 
 
 @dataclass
@@ -73,15 +121,15 @@ class AlgorithmConfig:
         }
     )
     loss: LossConfig = field(default_factory=LossConfig)
-    mini_batches: int = 1  # optimizer steps per rollout batch
+    mini_batches: int = 2  # optimizer steps per rollout batch
     recompute_old_logprobs: bool = True  # else trust the engine's logprobs as pi_old
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 30
+    total_steps: int = 20
     prompts_per_step: int = 16
-    eval_every: int = 10  # steps; 0 evaluates only at the start and the end
+    eval_every: int = 5  # steps; 0 evaluates only at the start and the end
     eval_prompts: int = 64
     seed: int = 0
     train_group: TrainGroupConfig = field(default_factory=TrainGroupConfig)

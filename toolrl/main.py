@@ -67,9 +67,8 @@ def run(cfg: Config) -> dict[str, Any]:
         spec = RolloutSpec(
             model_path=model_path,
             engine=r.engine,
-            loop=LoopConfig(
-                r.max_turns, r.max_total_tokens, r.tool_timeout_s, r.max_tool_output_tokens
-            ),
+            # by name: every LoopConfig field is a rollout.* key of the same name
+            loop=LoopConfig(**{f.name: getattr(r, f.name) for f in dataclasses.fields(LoopConfig)}),
             sampler=r.sampler,
             eval_sampler=r.eval_sampler,
             parser=cfg.parser,

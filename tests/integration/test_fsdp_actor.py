@@ -115,7 +115,7 @@ def _scenario_update(rank: int, world: int, port: int, model_dir: str, out: str)
     """Logprobs, one update, weights, save_hf. Rank r gets rows split(world)[r] (uneven)."""
     _init(rank, world, port)
     batch: TrainBatch = torch.load(f"{out}/../batch.pt", weights_only=False)
-    policy = Policy(model_dir, OptimConfig(lr=1e-4), LossConfig(), micro_batch_size=2)
+    policy = Policy(model_dir, OptimConfig(lr=1e-4), LossConfig(kl_coef=0.0), micro_batch_size=2)
     part = batch.split(world)[rank]
     torch.save(policy.logprobs(part), f"{out}/logprobs{rank}.pt")
     metrics = policy.update(part, batch.num_tokens)

@@ -169,3 +169,39 @@ def test_the_tools_schemas_reach_a_parser_that_takes_them():
     # a parser that takes no schemas (a user's function) is built without them
     spec = {"_target_": "toolrl.rollout.parsers.hermes.HermesParser", "max_parallel_calls": 2}
     assert build_parser(spec, [schema])[0].max_parallel_calls == 2
+
+
+def _disagreements(yaml: object, code: object, path: str) -> list[str]:
+    """Leaves where the composed YAML and the dataclass defaults differ. A `_target_` mapping
+    may leave arguments to the target's own defaults, so only keys both give are compared."""
+    if isinstance(yaml, dict) and isinstance(code, dict):
+        keys = set(yaml) & set(code) if "_target_" in yaml else set(yaml) | set(code)
+        return [
+            d for k in sorted(keys) for d in _disagreements(yaml.get(k), code.get(k), f"{path}.{k}")
+        ]
+    same = yaml == code or (isinstance(code, tuple) and list(code) == yaml)
+    return [] if same else [f"{path}: YAML {yaml!r}, dataclass {code!r}"]
+
+
+def test_dataclass_defaults_agree_with_the_shipped_yaml():
+    # One value per default: a Config built in Python and the composed default run agree.
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from toolrl.config import Config
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        yaml = OmegaConf.to_container(compose("config"), resolve=True)
+    code = dataclasses.asdict(Config())
+    yaml.pop("tools"), code.pop("tools")  # the YAML picks the calculator; Python picks none
+    assert _disagreements(yaml, code, "") == []
+
+
+def test_the_config_is_a_leaf_that_imports_no_engine_or_trainer():
+    # Validating a config (before Ray starts) must not pay for torch, vLLM, Ray or transformers.
+    code = "import sys, toolrl.config; print(sorted(m for m in ('torch', 'ray', 'vllm', "
+    code += "'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

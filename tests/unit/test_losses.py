@@ -9,7 +9,7 @@ from toolrl.algo.losses import LossConfig, k3_kl, policy_loss
 
 
 def _call(logprobs, old, adv, mask, cfg=None, ref=None, num_tokens=None):  # noqa: ANN001, ANN202
-    cfg = cfg or LossConfig()
+    cfg = cfg or LossConfig(kl_coef=0.0)  # the surrogate alone, no reference
     n = float(mask.sum()) if num_tokens is None else num_tokens
     return policy_loss(logprobs, old, adv, mask, cfg, ref, n)
 
@@ -54,7 +54,7 @@ def test_clipping_both_sides(log_ratio: float, adv: float, clipped: bool, grad_z
 
 
 def test_symmetric_clip_when_clip_high_equals_clip_low() -> None:
-    cfg = LossConfig(clip_low=0.2, clip_high=0.2)
+    cfg = LossConfig(clip_low=0.2, clip_high=0.2, kl_coef=0.0)
     loss, m = _call(
         torch.tensor([[0.2]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), cfg
     )

@@ -8,17 +8,10 @@ Pure tensor functions; run `python -m pytest tests/unit/test_losses.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-
-@dataclass
-class LossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.28  # asymmetric clip (DAPO); = clip_low for vanilla PPO clip
-    kl_coef: float = 0.0  # KL to the reference (k3 estimator); 0 disables
+from toolrl.config import LossConfig
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -22,36 +22,12 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
+from toolrl.config import EngineConfig
 from toolrl.rollout.sampler import Generation, Sampling
 from toolrl.workers.weights import WORKER_EXTENSION
 
 _GIB = 1 << 30
-
-
-@dataclass
-class EngineConfig:
-    """Settings of one vLLM engine (one rollout worker)."""
-
-    model_path: str = ""
-    dtype: str = "float32"  # bfloat16 on GPU
-    max_model_len: int = 1024
-    kv_cache_gib: int = 1  # CPU only: KV cache size (what VLLM_CPU_KVCACHE_SPACE sets)
-    gpu_memory_utilization: float = 0.5  # GPU only
-    enforce_eager: bool = True
-    seed: int = 0
-    # "raw_logprobs": log p(token | context) of the model itself, before temperature and
-    # top-p, i.e. what a training forward pass computes. "processed_logprobs": after them.
-    logprobs_mode: str = "raw_logprobs"
-    # CPU only. vLLM's default "auto" pins the worker's OpenMP threads to fixed cores
-    # (all but one, kept for its scheduler process): on 2 cores that is core 0, and every
-    # engine on the node computes the same list, so two engines would share one core.
-    # Unpinned, the OS moves the worker to whichever core training leaves free. One
-    # thread: with 2 threads on 2 cores shared with 2 busy torch processes throughput
-    # fell ~4x (OpenMP barriers wait for a descheduled thread). See `_cpu_thread_env`.
-    cpu_threads_bind: str = "nobind"  # VLLM_CPU_OMP_THREADS_BIND: "nobind", "auto", "0-3"
-    cpu_omp_threads: int = 1  # OMP_NUM_THREADS of the model worker when "nobind"
 
 
 def _is_cpu_platform() -> bool:

@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import safetensors.torch
 import torch
@@ -33,6 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from toolrl.algo.batch import TrainBatch
 from toolrl.algo.losses import LossConfig, policy_loss
+from toolrl.config import OptimConfig
 
 # Files copied from `tokenizer_src` into a saved checkpoint so it loads as a full HF model.
 TOKENIZER_FILES = (
@@ -48,15 +48,6 @@ TOKENIZER_FILES = (
 )
 # Metrics averaged over masked-in tokens; "loss" is already a token mean and is summed.
 _TOKEN_METRICS = ("clip_frac", "approx_kl", "kl_ref", "ratio_mean")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
-    warmup_steps: int = 0  # linear warm-up over this many updates
 
 
 def shard_model(model: nn.Module, world_size: int) -> nn.Module:

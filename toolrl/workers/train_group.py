@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 
 import ray
 import torch
@@ -21,16 +20,8 @@ from torch import Tensor
 
 from toolrl.algo.batch import TrainBatch
 from toolrl.algo.losses import LossConfig
+from toolrl.config import TrainGroupConfig
 from toolrl.workers.actor import OptimConfig, Policy, Reference
-
-
-@dataclass
-class TrainGroupConfig:
-    world_size: int = 2
-    num_cpus_per_worker: float = 0.5
-    num_gpus_per_worker: float = 0.0  # 1 on GPU machines; the ranks then use NCCL
-    torch_threads: int = 1
-    micro_batch_size: int = 16
 
 
 @ray.remote

@@ -1,0 +1,44 @@
+"""Format and tool-use shaping rewards.
+
+`FormatMatch` scores 1.0 when the final text matches a regex from config (the whole text by
+default), 0.0 otherwise or when there is no final answer. `tool_error_penalty` subtracts
+`per_error` for each tool error (bad call syntax, unknown tool, tool raised), down to `-cap`.
+
+    reward:
+      format: {_target_: toolrl.rewards.format.FormatMatch, pattern: '(?s).*<answer>.+</answer>'}
+      tools: {_target_: toolrl.rewards.format.tool_error_penalty, per_error: 0.1, cap: 0.5}
+
+    python -m pytest tests/unit/test_rewards.py -k format
+"""
+
+from __future__ import annotations
+
+import re
+
+from toolrl.rewards.base import Scored
+
+
+class FormatMatch:
+    """1.0 when the final text matches `pattern`. A class so a bad regex fails at construction."""
+
+    def __init__(self, pattern: str, mode: str = "fullmatch") -> None:
+        if mode not in ("fullmatch", "search"):
+            raise ValueError(f"mode must be 'fullmatch' or 'search', not {mode!r}")
+        try:
+            self.regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"bad format pattern {pattern!r}: {e}") from e
+        self.mode = mode
+
+    def __call__(self, x: Scored) -> float:
+        if x.final_text is None:
+            return 0.0
+        match = getattr(self.regex, self.mode)(x.final_text)
+        return 1.0 if match else 0.0
+
+
+def tool_error_penalty(x: Scored, per_error: float = 0.1, cap: float = 0.5) -> float:
+    """-min(cap, per_error * tool_errors): errors cost, but a bounded amount."""
+    if per_error < 0 or cap < 0:
+        raise ValueError(f"per_error and cap must be >= 0, got {per_error}, {cap}")
+    return -min(cap, per_error * x.tool_errors)
