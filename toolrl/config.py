@@ -103,6 +103,7 @@ class RolloutConfig:
     max_total_tokens: int = 512  # prompt + everything appended; a trajectory stops when full
     tool_timeout_s: float = 10.0  # per call, enforced by the loop
     max_tool_output_tokens: int = 256  # a tool answer is cut to this many tokens, with a marker
+    reward_workers: int = 1  # processes per rollout worker scoring sync rewards
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampler: Target = field(
         default_factory=lambda: {"_target_": "toolrl.rollout.sampler.Sampler", "temperature": 1.0}
@@ -167,6 +168,9 @@ class Config:
     task: Target = field(
         default_factory=lambda: {"_target_": "toolrl.data.arithmetic.ArithmeticTask"}
     )
+    # name -> reward spec; the trajectory's reward is their weighted sum (RewardStack). Empty
+    # here: conf/reward/ picks (a dict default would merge into every choice of the group).
+    reward: dict[str, Target] = field(default_factory=dict)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -315,7 +319,9 @@ def validate(cfg: Config) -> None:
     for name, spec in cfg.tools.items():
         _check_tool(f"tools.{name}", spec)
     _check_parser(cfg.parser)
-    resolve_target("task", cfg.task)
+    _check_task(cfg.task)
+    _check_reward(cfg.reward)
+    _check(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
     resolve_target("algorithm.advantages", a.advantages)
 
 
@@ -354,6 +360,28 @@ def _check_tool(where: str, spec: Target) -> None:
             preflight(**kwargs)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from e
+
+
+def _check_task(spec: Target) -> None:
+    """Import the task; one with a `preflight(**kwargs)` (the dataset task) reads its files
+    now, so a bad file, column or row fails before Ray starts, naming them."""
+    obj = resolve_target("task", spec)
+    preflight = getattr(obj, "preflight", None)
+    if callable(preflight):
+        try:
+            preflight(**{k: v for k, v in spec.items() if not k.startswith("_")})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"task: {e}") from e
+
+
+def _check_reward(specs: dict[str, Target]) -> None:
+    """Build the reward stack (imports every target, binds its arguments; starts no process)."""
+    from toolrl.rewards.combine import RewardStack
+
+    try:
+        RewardStack(specs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"reward: {e}") from e
 
 
 def _check_parser(spec: Target) -> None:

@@ -12,6 +12,7 @@ wandb files, the final Hugging Face checkpoint) go to Hydra's run folder, `runs/
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -22,7 +23,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from toolrl.config import Config, ConfigError, instantiate, register, to_config, validate
+from toolrl.config import (
+    Config,
+    ConfigError,
+    instantiate,
+    register,
+    resolve_target,
+    to_config,
+    validate,
+)
 
 register()
 
@@ -73,7 +82,8 @@ def run(cfg: Config) -> dict[str, Any]:
             eval_sampler=r.eval_sampler,
             parser=cfg.parser,
             tools=cfg.tools,
-            task=cfg.task,
+            reward=cfg.reward,
+            reward_workers=r.reward_workers,
         )
         rollout = RolloutGroup(spec, r.num_workers, r.num_cpus_per_worker, r.num_gpus_per_worker)
         train = TrainGroup(t.train_group, model_path, t.optim, cfg.algorithm.loss)
@@ -86,14 +96,15 @@ def run(cfg: Config) -> dict[str, Any]:
             config=dataclasses.asdict(cfg),
             progress_bar=cfg.logger.progress_bar,
         )
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
         trainer = Trainer(
             cfg,
-            task=instantiate(cfg.task),
+            task=build_task(cfg.task, tokenizer),
             advantages=instantiate(cfg.algorithm.advantages),
             rollout=rollout,
             train=train,
             logger=logger,
-            pad_id=_pad_id(AutoTokenizer.from_pretrained(model_path)),
+            pad_id=_pad_id(tokenizer),
             model_path=model_path,
         )
         try:
@@ -104,6 +115,19 @@ def run(cfg: Config) -> dict[str, Any]:
             train.shutdown()
     finally:
         ray.shutdown()
+
+
+def build_task(spec: dict[str, Any], tokenizer: Any) -> Any:
+    """The task; one that takes `count_tokens` (the dataset task, to drop prompts longer than
+    its `max_prompt_tokens` at load) gets the length of a prompt as the chat template renders
+    it for generation, without the tools' schemas."""
+
+    def count_tokens(messages: list[dict[str, Any]]) -> int:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    params = inspect.signature(resolve_target("task", spec)).parameters
+    return instantiate(spec, **({"count_tokens": count_tokens} if "count_tokens" in params else {}))
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -37,7 +37,23 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
             any(u.finish_reason == "length" for u in t.turns) for t in trajs
         ),
         f"{prefix}/infra_errors": mean(t.infra_error is not None for t in trajs),
+        **reward_metrics(trajs, prefix),
     }
+
+
+def reward_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
+    """Each reward component's mean over the scored trajectories (`train/reward/<name>`),
+    and how many components per trajectory failed on the model's output (scored 0)."""
+    scored = [t.info for t in trajs if "reward_components" in t.info]
+    if not scored:
+        return {}
+    names = sorted({k for info in scored for k in info["reward_components"]})
+    out = {
+        f"{prefix}/reward/{k}": mean(i["reward_components"].get(k, 0.0) for i in scored)
+        for k in names
+    }
+    out[f"{prefix}/reward_failures"] = mean(i["reward_failures"] for i in scored)
+    return out
 
 
 _BAR_KEYS = {

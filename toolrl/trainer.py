@@ -79,14 +79,14 @@ class Trainer:
             p = self.train_prompts[pid]
             for k in range(n):
                 seed = hash((t.seed, step, i, k)) % (2**31 - 1)
-                eps.append(Episode(pid, p.messages, p.answer, seed))
+                eps.append(Episode.of(pid, p, seed))
         return eps
 
     def evaluate(self) -> dict[str, float]:
         # Fixed seeds per prompt: every evaluation draws the same random numbers, so the
         # change in eval reward reflects the policy, not the sampling noise.
         eps = [
-            Episode(i, p.messages, p.answer, seed=self.cfg.trainer.seed + 10_000 + i)
+            Episode.of(i, p, seed=self.cfg.trainer.seed + 10_000 + i)
             for i, p in enumerate(self.eval_prompts)
         ]
         return rollout_metrics(self.rollout.rollout(eps, evaluate=True), "eval")

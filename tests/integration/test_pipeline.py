@@ -55,7 +55,7 @@ def setup(embedded_model):
         eval_sampler={"_target_": "toolrl.rollout.sampler.Sampler", "temperature": 1.0},
         parser={"_target_": "toolrl.rollout.parsers.hermes.HermesParser"},
         tools={"calculator": {"_target_": "toolrl.tools.calculator.Calculator"}},
-        task={"_target_": "toolrl.data.arithmetic.ArithmeticTask"},
+        reward={"product": {"_target_": "toolrl.data.arithmetic.product_reward"}},
     )
 
     async def make():
@@ -81,11 +81,7 @@ def setup(embedded_model):
 def rollout(runner, worker, seed_base):
     task = ArithmeticTask()
     prompts = task.prompts("train")[:16]
-    eps = [
-        Episode(i, p.messages, p.answer, seed_base + 8 * i + k)
-        for i, p in enumerate(prompts)
-        for k in range(4)
-    ]
+    eps = [Episode.of(i, p, seed_base + 8 * i + k) for i, p in enumerate(prompts) for k in range(4)]
     return runner.run(worker.rollout(eps))
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from toolrl.rewards.base import RewardInfraError, Scored
+from toolrl.rewards.combine import RewardStack
+from toolrl.rewards.runner import RewardRunner
 from toolrl.rollout.agent_loop import AgentLoop, Episode, LoopConfig
 from toolrl.rollout.chat import ChatBuilder
 from toolrl.rollout.parsers.hermes import HermesParser
@@ -91,14 +94,25 @@ def make_loop(tok, script, tools=None, **cfg):
     chat = ChatBuilder(tok, [t.schema() for t in tools.values()])
     engine = ScriptedEngine(tok, script)
 
-    def reward(text, answer):
-        return float(answer in text)
-
-    loop = AgentLoop(engine, chat, HermesParser(), tools, reward, LoopConfig(**cfg))
+    loop = AgentLoop(engine, chat, HermesParser(), tools, REWARDS, LoopConfig(**cfg))
     return loop, engine, chat
 
 
-EP = Episode(0, [{"role": "user", "content": "What is 6 * 7?"}], "42", seed=1)
+async def contains_answer(x: Scored) -> float:
+    """1.0 when the final text holds the row's answer (async: awaited, no process pool)."""
+    return float(x.final_text is not None and x.row["answer"] in x.final_text)
+
+
+REWARDS = RewardRunner(RewardStack({"answer": {"_target_": f"{__name__}.contains_answer"}}))
+
+
+def episode(prompt_id: int, content: str, answer: str, seed: int, **kw) -> Episode:
+    return Episode(
+        prompt_id, [{"role": "user", "content": content}], seed, {"answer": answer}, **kw
+    )
+
+
+EP = episode(0, "What is 6 * 7?", "42", seed=1)
 
 
 def run(loop, ep=EP):
@@ -172,8 +186,8 @@ def test_out_of_turns_or_tokens_gives_no_answer(tok):
 
 def test_state_is_per_trajectory_and_a_slow_tool_does_not_stall_others(tok):
     rec = Recorder("wait")
-    slow = Episode(0, [{"role": "user", "content": "slow"}], "x", seed=1)
-    fast = Episode(1, [{"role": "user", "content": "fast"}], "42", seed=2)
+    slow = episode(0, "slow", "x", seed=1)
+    fast = episode(1, "fast", "42", seed=2)
 
     def script(turn, ctx):
         if "slow" in ctx and turn == 0:
@@ -253,7 +267,7 @@ def _reasoning_loop(tok, script, template: str | None = None):
         tok.chat_template = trl_template(template)
     loop, engine, chat = make_loop(tok, script, {"rec": Recorder()}, max_total_tokens=4096)
     loop = AgentLoop(
-        engine, chat, HermesParser(), loop.tools, loop.reward, loop.cfg, TagReasoning()
+        engine, chat, HermesParser(), loop.tools, loop.rewards, loop.cfg, TagReasoning()
     )
     return loop, engine, chat
 
@@ -306,3 +320,48 @@ def test_a_think_tag_in_a_tool_description_opens_no_reasoning(tok):
     chat = ChatBuilder(tok, [schema])
     assert chat.generation_prompt == "<|im_start|>assistant\n"
     assert not TagReasoning().opened_by(chat.generation_prompt)
+
+
+# --- rewards and a row's own tools --------------------------------------------------------
+
+
+async def graded(x: Scored) -> dict[str, float]:
+    """Two named components, to see each one reach the trajectory."""
+    return {"answered": float(x.final_text is not None), "calls": float(x.tool_calls)}
+
+
+async def judge_down(x: Scored) -> float:
+    raise RewardInfraError("judge at 127.0.0.1:9 refused the connection")
+
+
+def test_every_reward_component_reaches_the_trajectory(tok):
+    script = replies(call("6 * 7") + "<|im_end|>", "The answer is 42.<|im_end|>")
+    loop, _, _ = make_loop(tok, script)
+    stack = {"answer": {"_target_": f"{__name__}.contains_answer", "weight": 2.0}}
+    stack["g"] = {"_target_": f"{__name__}.graded", "weight": 0.5}
+    loop.rewards = RewardRunner(RewardStack(stack))
+    t = run(loop)
+    assert t.info["reward_components"] == {"answer": 1.0, "g/answered": 1.0, "g/calls": 1.0}
+    assert t.reward == 2.0 * 1.0 + 0.5 * (1.0 + 1.0) and t.info["reward_failures"] == 0
+    # the reward saw the conversation: the call, the tool's answer, the final text
+    assert [turn.content for turn in t.turns] == ["", "The answer is 42."]
+
+
+def test_a_reward_that_fails_outside_the_model_is_an_infra_fault(tok):
+    loop, _, _ = make_loop(tok, replies("42<|im_end|>"))
+    loop.rewards = RewardRunner(RewardStack({"judge": {"_target_": f"{__name__}.judge_down"}}))
+    t = run(loop)
+    assert t.infra_error is not None and "refused" in t.infra_error and t.reward == 0.0
+
+
+def test_a_row_offers_only_its_own_tools(tok):
+    tools = {"calculator": Calculator(), "rec": Recorder()}
+    script = replies(call("1", name="rec") + "<|im_end|>", "done<|im_end|>")
+    loop, engine, _ = make_loop(tok, script, tools)
+    t = asyncio.run(loop.run(episode(0, "Hi", "x", 1, tools=["calculator"]), Sampler()))
+    prompt = tok.decode(t.token_ids[: t.prompt_len])
+    assert '"name": "calculator"' in prompt and '"name": "rec"' not in prompt
+    assert t.turns[0].results[0].content == "Error: unknown tool 'rec'; tools: calculator"
+    assert tools["rec"].log == []  # never opened nor called
+    everything = asyncio.run(loop.run(episode(0, "Hi", "x", 1), Sampler()))
+    assert '"name": "rec"' in tok.decode(everything.token_ids[: everything.prompt_len])

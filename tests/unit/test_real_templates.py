@@ -35,6 +35,8 @@ from typing import Any
 import jinja2
 import pytest
 
+from toolrl.rewards.combine import RewardStack
+from toolrl.rewards.runner import RewardRunner
 from toolrl.rollout.agent_loop import AgentLoop, Episode, LoopConfig
 from toolrl.rollout.chat import CONTENT_FORMS, ChatBuilder, TemplateError
 from toolrl.rollout.parsers.base import Parser
@@ -506,16 +508,21 @@ class ScriptedTurns:
         return Generation(ids, [-0.5] * len(ids), "stop")
 
 
+async def always_one(x: object) -> float:
+    return 1.0
+
+
 @pytest.mark.parametrize("name", MISTRAL_ALL)
 def test_agent_loop_answers_carry_the_sampled_call_ids(builders, name: str) -> None:
     chat, fam = builders[name], FAMILIES[name]
     # calculator answers "42"; lookup is shown to the model but not served: an error answer
     texts = [fam.calls_text(CALLS), ANSWER]
     tools = {"calculator": Calculator()}
-    loop = AgentLoop(
-        ScriptedTurns(chat, texts), chat, fam.parser, tools, lambda t, a: 1.0, LoopConfig()
+    rewards = RewardRunner(RewardStack({"one": {"_target_": f"{__name__}.always_one"}}))
+    loop = AgentLoop(ScriptedTurns(chat, texts), chat, fam.parser, tools, rewards, LoopConfig())
+    traj = asyncio.run(
+        loop.run(Episode(0, MSGS, row={"answer": "42"}), Sampler(max_new_tokens=128))
     )
-    traj = asyncio.run(loop.run(Episode(0, MSGS, "42"), Sampler(max_new_tokens=128)))
     results = traj.turns[0].results
     ids = list(CALL_IDS) if fam.call_ids else [None, None]
     assert [(r.content, r.call_id) for r in results] == [

@@ -251,7 +251,8 @@ def test_model_config_selects_the_embedded_tool(model_dir: Path) -> None:
             "python": {"_target_": "toolrl.tools.calculator.Calculator"},  # any importable tool
         }
         model = ModelConfig(path=path, embedded_tool=tool)
-        return Config(model=model, tools={t: specs[t] for t in tools})
+        reward = {"product": {"_target_": "toolrl.data.arithmetic.product_reward"}}
+        return Config(model=model, tools={t: specs[t] for t in tools}, reward=reward)
 
     validate(config("calculator", ("calculator",)))
     validate(config("python", ("python",)))

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from toolrl.rewards.base import Scored
 from toolrl.tools.calculator import CALCULATOR_SCHEMA
 
 # `{a}` and `{b}` are the operands; every phrasing asks for a * b.
@@ -48,10 +49,16 @@ class ArithmeticConfig:
 
 @dataclass
 class Prompt:
-    """One prompt: the chat messages the model sees (tools are added by the template) and the answer."""
+    """One prompt: the chat messages the model sees (tools are added by the template), the
+    answer, the row a reward reads (`{"answer": ...}` here) and the tools it offers (all)."""
 
     messages: list[dict[str, Any]]
     answer: str
+    row: dict[str, Any] = field(default_factory=dict)
+    tools: list[str] | None = None  # the names of the tools this prompt offers; None: all
+
+    def __post_init__(self) -> None:
+        self.row = self.row or {"answer": self.answer}
 
 
 def is_eval_pair(a: int, b: int, eval_fraction: float) -> bool:
@@ -137,5 +144,16 @@ class ArithmeticTask:
 
     def reward(self, final_text: str, answer: str) -> float:
         """1.0 if the last integer in the final answer text equals the answer, else 0.0."""
-        got = last_integer(final_text)
-        return 1.0 if got is not None and got == int(answer) else 0.0
+        return answer_reward(final_text, answer)
+
+
+def answer_reward(final_text: str, answer: str) -> float:
+    """1.0 if the last integer in the final answer text equals the answer, else 0.0."""
+    got = last_integer(final_text)
+    return 1.0 if got is not None and got == int(answer) else 0.0
+
+
+def product_reward(x: Scored) -> float:
+    """The task's reward as a config reward (conf/reward/product.yaml): 0.0 without a final
+    answer, else whether its last integer is the row's answer."""
+    return 0.0 if x.final_text is None else answer_reward(x.final_text, x.row["answer"])

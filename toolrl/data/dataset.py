@@ -29,7 +29,7 @@ import random
 import string
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,7 @@ class DatasetConfig:
 
 @dataclass
 class DatasetPrompt(Prompt):
-    """A prompt from a data row: `messages` and `answer` as ArithmeticTask's, plus the row."""
-
-    row: dict[str, Any] = field(default_factory=dict)
-    tools: list[str] | None = None
+    """A prompt from a data row: `messages`, `answer`, `row` and `tools` as ArithmeticTask's."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +104,9 @@ def _offline_datasets() -> Iterator[Any]:
         conf.HF_HUB_OFFLINE, conf.HF_DATASETS_OFFLINE, conf.HF_UPDATE_DOWNLOAD_COUNTS = saved
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
 def _as_list(files: str | Sequence[str] | None) -> list[str]:
     if files is None or files == "":
         return []
@@ -116,11 +116,14 @@ def _as_list(files: str | Sequence[str] | None) -> list[str]:
 
 
 def _expand(files: list[str], key: str) -> list[str]:
-    """Paths and glob patterns to existing paths, in a fixed order."""
+    """Paths and glob patterns to existing paths, in a fixed order. A path that starts with
+    `package:` is relative to the toolrl package (`package:data/samples/math_sample.jsonl`)."""
     if not files:
         raise ValueError(f"{key}: no files given")
     out: list[str] = []
     for pattern in files:
+        if pattern.startswith("package:"):
+            pattern = str(PACKAGE_DIR / pattern.removeprefix("package:"))
         if glob.has_magic(pattern):
             matched = sorted(glob.glob(pattern))
             if not matched:

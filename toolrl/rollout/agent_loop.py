@@ -23,9 +23,11 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
+from toolrl.rewards.base import RewardInfraError, Scored
+from toolrl.rewards.combine import Score
 from toolrl.rollout.chat import ChatBuilder
 from toolrl.rollout.parsers.base import ParsedTurn
 from toolrl.rollout.parsers.reasoning import NoReasoning, ReasoningStep
@@ -46,12 +48,25 @@ class LoopConfig:
 
 @dataclass
 class Episode:
-    """One sample to roll out: which prompt, its messages, how to score it, its seed."""
+    """One sample to roll out: which prompt, its messages, its seed, the row its rewards read
+    and the tools it offers (None: every configured tool)."""
 
     prompt_id: int
     messages: list[dict[str, Any]]
-    answer: str
     seed: int | None = None
+    row: dict[str, Any] = field(default_factory=dict)
+    tools: list[str] | None = None
+
+    @classmethod
+    def of(cls, prompt_id: int, prompt: Any, seed: int | None) -> Episode:
+        """The episode of a task's prompt (anything with `messages`, `row` and `tools`)."""
+        return cls(prompt_id, prompt.messages, seed, dict(prompt.row), prompt.tools)
+
+
+class Scorer(Protocol):
+    """What scores a finished trajectory: toolrl.rewards.runner.RewardRunner."""
+
+    async def score(self, x: Scored) -> Score: ...
 
 
 class AgentLoop:
@@ -61,12 +76,13 @@ class AgentLoop:
         chat: ChatBuilder,
         parser: Callable[[str], ParsedTurn],
         tools: dict[str, Tool],
-        reward: Callable[[str, str], float],
+        rewards: Scorer,
         cfg: LoopConfig,
         reasoning: ReasoningStep | None = None,
     ) -> None:
         self.engine, self.chat, self.parser, self.tools = engine, chat, parser, tools
-        self.reward, self.cfg = reward, cfg
+        self.schemas = {name: tool.schema() for name, tool in tools.items()}
+        self.rewards, self.cfg = rewards, cfg
         self.reasoning = reasoning or NoReasoning()
         # Every turn continues the same assistant header (the prompt's and each tool turn's),
         # so whether the template opens a reasoning block there is decided once.
@@ -77,8 +93,10 @@ class AgentLoop:
         return await _gather_all(self.run(ep, sampler) for ep in episodes)
 
     async def run(self, ep: Episode, sampler: Sampler) -> Trajectory:
-        traj = Trajectory.from_prompt(ep.prompt_id, self.chat.prompt_ids(ep.messages))
-        sessions = _Sessions(self.tools, uuid.uuid4().hex)
+        schemas = None if ep.tools is None else [self.schemas[n] for n in ep.tools]
+        traj = Trajectory.from_prompt(ep.prompt_id, self.chat.prompt_ids(ep.messages, schemas))
+        offered = self.tools if ep.tools is None else {n: self.tools[n] for n in ep.tools}
+        sessions = _Sessions(offered, uuid.uuid4().hex)
         final_text = None
         try:
             for turn_no in range(self.cfg.max_turns):
@@ -103,9 +121,25 @@ class AgentLoop:
         finally:
             await sessions.close_all()
         traj.info["final_text"] = final_text
-        traj.reward = 0.0 if final_text is None else float(self.reward(final_text, ep.answer))
+        if traj.infra_error is None:
+            await self._score(traj, ep)
         traj.check()
         return traj
+
+    async def _score(self, traj: Trajectory, ep: Episode) -> None:
+        """Reward the finished trajectory; a reward that failed outside the model (a judge
+        down, a dead pool worker) makes it an infrastructure fault, never a silent zero."""
+        contents = [t.content for t in traj.turns]
+        try:
+            score = await self.rewards.score(
+                Scored.from_trajectory(traj, ep.messages, ep.row, contents)
+            )
+        except RewardInfraError as e:
+            traj.infra_error = f"reward: {e}"
+            return
+        traj.reward = score.total
+        traj.info["reward_components"] = score.components
+        traj.info["reward_failures"] = score.model_failures
 
     async def _sample_turn(
         self, traj: Trajectory, sampler: Sampler, seed: int | None, turn_no: int, room: int
@@ -121,6 +155,7 @@ class AgentLoop:
         split = self.reasoning(self.chat.decode(gen.token_ids), self.opens_reasoning)
         parsed = self.parser(split.text)
         turn = Turn(start, end, version, finish, parsed.calls, [], parsed.errors)
+        turn.content = parsed.content
         if split.reasoning:  # well-formed calls only: a thought may just mention the format
             turn.reasoning_calls = len(self.parser(split.reasoning).calls)
         traj.turns.append(turn)
@@ -139,11 +174,10 @@ class AgentLoop:
         def answer(text: str, ok: bool) -> ToolResult:
             return ToolResult(call.name, text, ok, call.id)
 
-        tool = self.tools.get(call.name)
+        tool = sessions.tools.get(call.name)  # only the tools this episode offers
         if tool is None:
-            return answer(
-                f"Error: unknown tool {call.name!r}; tools: {', '.join(sorted(self.tools))}", False
-            )
+            offered = ", ".join(sorted(sessions.tools))
+            return answer(f"Error: unknown tool {call.name!r}; tools: {offered}", False)
         try:
             await sessions.open(call.name)
             text, ok = await asyncio.wait_for(

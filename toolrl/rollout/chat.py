@@ -205,9 +205,17 @@ class ChatBuilder:
         head = self._probe_prompt
         return head[len(without) :] if head.startswith(without) else head
 
-    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         return self.tok.apply_chat_template(
-            messages, tools=self.tools, add_generation_prompt=generation_prompt, tokenize=False
+            messages,
+            tools=self.tools if tools is None else tools,
+            add_generation_prompt=generation_prompt,
+            tokenize=False,
         )
 
     def _encode(self, text: str) -> list[int]:
@@ -241,9 +249,12 @@ class ChatBuilder:
             run += part[pos:]
         return ids + self._encode_plain(run)
 
-    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Ids of the prompt up to and including the assistant header the model continues."""
-        return self._encode(self._render(messages, generation_prompt=True))
+    def prompt_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Ids of the prompt up to and including the assistant header the model continues,
+        with the schemas of `tools` (a row's own subset) or else of every configured tool."""
+        return self._encode(self._render(messages, generation_prompt=True, tools=tools))
 
     def truncate(self, text: str, max_tokens: int) -> str:
         """`text` cut to its first `max_tokens` tokens (as plain text), with a marker saying how

@@ -56,6 +56,7 @@ class Turn:
     results: list[ToolResult] = field(default_factory=list)
     parse_errors: list[str] = field(default_factory=list)
     reasoning_calls: int = 0  # calls written inside the turn's reasoning: seen, never run
+    content: str = ""  # the turn's text outside calls and reasoning, as the parser read it
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The rollout group: Ray actors that each own a vLLM engine and run the agent loop over it.
 
 `RolloutWorker` is a plain class (tests drive it without Ray); the Ray actor is that same
-class wrapped by `ray.remote`. Its sampler, tools, parser and task (for the reward) come
+class wrapped by `ray.remote`. Its sampler, tools, parser and rewards come
 from `_target_` entries in `conf/`, so a new tool or parser needs no code edit here.
 `RolloutGroup` is the driver's handle: it spreads episodes over the workers and pushes
 new weights into every engine after an update.
@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 import ray
 
 from toolrl.config import Target, build_parser, instantiate
+from toolrl.rewards.combine import RewardStack
+from toolrl.rewards.runner import RewardRunner
 from toolrl.rollout.agent_loop import AgentLoop, Episode, LoopConfig
 from toolrl.rollout.chat import ChatBuilder
 from toolrl.rollout.engine import EngineConfig, VLLMEngine
@@ -31,7 +33,8 @@ class RolloutSpec:
     eval_sampler: Target
     parser: Target
     tools: dict[str, Target]
-    task: Target
+    reward: dict[str, Target]  # name -> reward spec (toolrl.rewards.combine.RewardStack)
+    reward_workers: int = 1  # processes scoring sync rewards off the rollout event loop
 
 
 class RolloutWorker:
@@ -43,10 +46,11 @@ class RolloutWorker:
         tools = [instantiate(t) for t in spec.tools.values()]
         schemas = [t.schema() for t in tools]
         chat = ChatBuilder(tokenizer, schemas)
-        task = instantiate(spec.task)
         parser, reasoning = build_parser(spec.parser, schemas)
+        self.rewards = RewardRunner(RewardStack(spec.reward), max_workers=spec.reward_workers)
+        tools_by_name = {t.name: t for t in tools}
         self.loop = AgentLoop(
-            self.engine, chat, parser, {t.name: t for t in tools}, task.reward, spec.loop, reasoning
+            self.engine, chat, parser, tools_by_name, self.rewards, spec.loop, reasoning
         )
         self.sampler = instantiate(spec.sampler)
         self.eval_sampler = instantiate(spec.eval_sampler)
@@ -64,6 +68,7 @@ class RolloutWorker:
         return True
 
     def shutdown(self) -> None:
+        self.rewards.close()
         self.engine.shutdown()
 
 
