@@ -2,7 +2,8 @@
 `python -m toolrl.main +experiment=<recipe>` for two steps on the embedded model and the
 recipe's sample rows, with every reward component in metrics.jsonl.
 
-    python -m pytest tests/integration/test_recipes.py
+    python -m pytest tests/integration/test_recipes.py            # math_python
+    python -m pytest tests/integration/test_recipes.py -m slow    # function_calling too
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ COMPONENTS = {
 }
 
 
-@pytest.mark.parametrize("recipe", COMPONENTS)
+# math_python runs in the default suite; function_calling's run (about a minute more, its
+# reward and per-row tools are covered by tests/unit/test_recipes.py and test_agent_loop.py)
+# runs on request: python -m pytest -m slow
+RECIPES = [
+    "math_python",
+    pytest.param("function_calling", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_two_steps_and_logs_every_reward_component(recipe, tmp_path, embedded_model):
     run_dir = tmp_path / recipe
     cmd = [
