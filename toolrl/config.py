@@ -354,24 +354,24 @@ def _check_tool(where: str, spec: Target) -> None:
         for i, item in enumerate(nested):
             if isinstance(item, dict) and "_target_" in item:
                 _check_tool(f"{where}.{key}[{i}]", item)
-    preflight = getattr(obj, "preflight", None)
-    if callable(preflight):
-        try:
-            preflight(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: {e}") from e
+    _preflight(where, obj, kwargs)
 
 
 def _check_task(spec: Target) -> None:
     """Import the task; one with a `preflight(**kwargs)` (the dataset task) reads its files
     now, so a bad file, column or row fails before Ray starts, naming them."""
     obj = resolve_target("task", spec)
+    _preflight("task", obj, {k: v for k, v in spec.items() if not k.startswith("_")})
+
+
+def _preflight(where: str, obj: Any, kwargs: dict[str, Any]) -> None:
+    """Call the target's static `preflight(**kwargs)`, if it has one, as a ConfigError."""
     preflight = getattr(obj, "preflight", None)
     if callable(preflight):
         try:
-            preflight(**{k: v for k, v in spec.items() if not k.startswith("_")})
+            preflight(**kwargs)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"task: {e}") from e
+            raise ConfigError(f"{where}: {e}") from e
 
 
 def _check_reward(specs: dict[str, Target]) -> None:

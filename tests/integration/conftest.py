@@ -10,6 +10,9 @@ Run: `.venv/bin/python -m pytest tests/integration -q`
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,12 @@ def build_tiny_qwen2(out_dir: Path, seed: int = 0) -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with config.json, model.safetensors and tokenizer files of a tiny Qwen2."""
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+def run_main(run_dir: Path, *overrides: str) -> list[dict]:
+    """Run `python -m toolrl.main` with these overrides into `run_dir`, assert it exits 0,
+    and return the rows of its metrics.jsonl."""
+    cmd = [sys.executable, "-m", "toolrl.main", *overrides, f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -6,24 +6,18 @@ that transformers and vLLM both load.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
 
 import torch
 
+from tests.integration.conftest import run_main
+
 
 def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, embedded_model):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "toolrl.main", "+experiment=smoke",
-        "logger.wandb_mode=offline", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = run_main(run_dir, "+experiment=smoke", "logger.wandb_mode=offline")
     steps = [r for r in rows if "train/reward" in r]
     assert [r["step"] for r in steps] == [0, 1]
     for key in ("train/tool_calls", "train/turns", "time/rollout_s", "perf/rollout_tokens_per_s",

@@ -8,11 +8,9 @@ recipe's sample rows, with every reward component in metrics.jsonl.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from tests.integration.conftest import run_main
 
 COMPONENTS = {
     "math_python": ["math", "tool_shaping"],
@@ -31,15 +29,13 @@ RECIPES = [
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_two_steps_and_logs_every_reward_component(recipe, tmp_path, embedded_model):
-    run_dir = tmp_path / recipe
-    cmd = [
-        sys.executable, "-m", "toolrl.main", f"+experiment=[{recipe},smoke]",
-        "trainer.save_checkpoint=false", "trainer.prompts_per_step=2", "trainer.eval_prompts=4",
-        f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = run_main(
+        tmp_path / recipe,
+        f"+experiment=[{recipe},smoke]",
+        "trainer.save_checkpoint=false",
+        "trainer.prompts_per_step=2",
+        "trainer.eval_prompts=4",
+    )
     steps = [r for r in rows if "train/reward" in r]
     assert [r["step"] for r in steps] == [0, 1]
     for prefix, row in (("train", steps[0]), ("eval", rows[-1])):

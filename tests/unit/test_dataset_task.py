@@ -89,6 +89,13 @@ def math_task(path: str, **kw) -> DatasetTask:
     return DatasetTask(train_files=path, eval_files=path, **kw)
 
 
+def chat_task(path: str, **kw) -> DatasetTask:
+    """Rows with a `messages` column and a `tools` column naming each row's tools."""
+    kw.setdefault("messages_column", "messages")
+    kw.setdefault("tools_column", "tools")
+    return DatasetTask(train_files=path, eval_files=path, **kw)
+
+
 def view(prompts: list[DatasetPrompt]) -> list[tuple]:
     return [(p.messages, p.answer, p.row, p.tools) for p in prompts]
 
@@ -135,14 +142,7 @@ def test_explicit_format_lists_and_globs(tmp_path):
 
 def test_messages_column_tools_subset_and_structured_answer(tmp_path):
     path = write(CHAT_ROWS, tmp_path / "chat.jsonl")
-    task = DatasetTask(
-        train_files=path,
-        eval_files=path,
-        messages_column="messages",
-        tools_column="tools",
-        answer_column="call",
-        system_prompt="Use the tools.",
-    )
+    task = chat_task(path, answer_column="call", system_prompt="Use the tools.")
     p = task.prompts("train")
     assert p[0].messages == [
         {"role": "system", "content": "Use the tools."},
@@ -183,14 +183,7 @@ def test_shipped_samples_load():
     math = SAMPLES / "math_sample.jsonl"
     task = math_task(str(math))
     assert len(task.prompts("train")) >= 3 and all(p.answer for p in task.prompts("train"))
-    chat = str(SAMPLES / "function_calling_sample.jsonl")
-    task = DatasetTask(
-        train_files=chat,
-        eval_files=chat,
-        messages_column="messages",
-        tools_column="tools",
-        answer_column="expected_call",
-    )
+    task = chat_task(str(SAMPLES / "function_calling_sample.jsonl"), answer_column="expected_call")
     calls = [json.loads(p.answer) for p in task.prompts("train")]
     assert len(calls) >= 3 and all("name" in c and "arguments" in c for c in calls)
     assert any(p.tools is None for p in task.prompts("train"))
