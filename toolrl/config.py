@@ -91,6 +91,11 @@ class ModelConfig:
     # The tool the embedded model is warm-started to call (one of EMBEDDED_TOOLS); it must be
     # the tool the run configures. Ignored when `path` is a folder.
     embedded_tool: str = "calculator"
+    # A file whose Jinja text replaces the tokenizer's chat template in every render of the
+    # run (prompts, tool and user turns, prompt-length counts); None: the tokenizer's own.
+    chat_template: str | None = None
+    # Passed to every chat template render, e.g. {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +108,7 @@ class RolloutConfig:
     max_total_tokens: int = 512  # prompt + everything appended; a trajectory stops when full
     tool_timeout_s: float = 10.0  # per call, enforced by the loop
     max_tool_output_tokens: int = 256  # a tool answer is cut to this many tokens, with a marker
+    max_tool_calls: int | None = None  # per trajectory; later calls get an error answer
     reward_workers: int = 1  # processes per rollout worker scoring sync rewards
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampler: Target = field(
@@ -156,6 +162,10 @@ class RayConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # How a trajectory advances (toolrl/rollout/protocols/); conf/protocol/chat.yaml's choice.
+    protocol: Target = field(
+        default_factory=lambda: {"_target_": "toolrl.rollout.protocols.chat.ChatToolTurns"}
+    )
     # The call parser; its `reasoning` entry is the reasoning step run before it (parser_parts).
     # The same as conf/parser/hermes.yaml composes, for a Config built in Python.
     parser: Target = field(
@@ -241,19 +251,30 @@ def parser_parts(spec: Target) -> tuple[Target, Target]:
     return parser, spec.get("reasoning") or NO_REASONING
 
 
+def offered(target: Any, **run_values: Any) -> dict[str, Any]:
+    """The values the run offers a swap point (the tools' schemas, a token counter, the tool
+    names) that its constructor names as parameters; a target takes only what it asks for."""
+    params = inspect.signature(target).parameters
+    return {k: v for k, v in run_values.items() if k in params}
+
+
 def build_parser(spec: Target, tool_schemas: list[dict[str, Any]]) -> tuple[Any, Any]:
     """The call parser and its reasoning step from `parser` in the config.
 
     The contract, once: a parser is any callable `text -> ParsedTurn`; it receives the turn's
     text after the reasoning step, and the tools' schemas as `tool_schemas=` when its
-    constructor accepts that keyword (qwen3_coder types values by them). `validate` builds
+    constructor names that parameter (qwen3_coder types values by them). `validate` builds
     it the same way, so what fails here fails before Ray starts."""
     parser_spec, reasoning_spec = parser_parts(spec)
-    params = inspect.signature(resolve_target("parser", parser_spec)).parameters
-    takes = "tool_schemas" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    extra = {"tool_schemas": tool_schemas} if takes else {}
+    extra = offered(resolve_target("parser", parser_spec), tool_schemas=tool_schemas)
     resolve_target("parser.reasoning", reasoning_spec)
     return _build("parser", parser_spec, **extra), _build("parser.reasoning", reasoning_spec)
+
+
+def build_task(spec: Target, **run_values: Any) -> Any:
+    """The task, given the run's values it names (see `offered`): the dataset task takes
+    `count_tokens` (to drop prompts over budget) and `tool_names` (to check each row's tools)."""
+    return _build("task", spec, **offered(resolve_target("task", spec), **run_values))
 
 
 def _build(key: str, spec: Target, **extra: Any) -> Any:
@@ -276,6 +297,11 @@ def validate(cfg: Config) -> None:
     _check(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
     _check(r.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
     _check(r.max_tool_output_tokens >= 1, "rollout.max_tool_output_tokens", "must be >= 1")
+    _check(
+        r.max_tool_calls is None or r.max_tool_calls >= 0,
+        "rollout.max_tool_calls",
+        "must be >= 0, or null for no limit",
+    )
     _check(
         r.max_total_tokens <= r.engine.max_model_len,
         "rollout.max_total_tokens",
@@ -315,14 +341,36 @@ def validate(cfg: Config) -> None:
         f"{path!r} is not a Hugging Face model folder (no config.json); use `embedded` or a local folder",
     )
     _check_embedded_tool(cfg)
+    _check_chat_template(cfg.model)
     _check(bool(cfg.tools), "tools", "no tools configured; add one, e.g. tools=calculator")
     for name, spec in cfg.tools.items():
         _check_tool(f"tools.{name}", spec)
     _check_parser(cfg.parser)
-    _check_task(cfg.task)
+    _check_protocol(cfg.protocol, tool_names=list(cfg.tools))
+    _check_task(cfg.task, tool_names=list(cfg.tools))
     _check_reward(cfg.reward)
     _check(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
     resolve_target("algorithm.advantages", a.advantages)
+
+
+# apply_chat_template's own parameters: a template kwarg of one of these names would clash.
+_RENDER_ARGS = ("conversation", "tools", "documents", "chat_template", "add_generation_prompt")
+_RENDER_ARGS += ("continue_final_message", "tokenize", "return_dict", "tokenizer_kwargs")
+
+
+def _check_chat_template(model: ModelConfig) -> None:
+    path = model.chat_template
+    _check(
+        path is None or os.path.isfile(path),
+        "model.chat_template",
+        f"{path!r} is not a file; give a Jinja chat template file, or null for the tokenizer's",
+    )
+    clash = sorted(set(model.chat_template_kwargs) & set(_RENDER_ARGS))
+    _check(
+        not clash,
+        "model.chat_template_kwargs",
+        f"{', '.join(clash)} are set by toolrl itself; pass only the template's own variables",
+    )
 
 
 def _check_embedded_tool(cfg: Config) -> None:
@@ -357,31 +405,46 @@ def _check_tool(where: str, spec: Target) -> None:
     _preflight(where, obj, kwargs)
 
 
-def _check_task(spec: Target) -> None:
+def _check_task(spec: Target, tool_names: list[str]) -> None:
     """Import the task; one with a `preflight(**kwargs)` (the dataset task) reads its files
-    now, so a bad file, column or row fails before Ray starts, naming them."""
+    now, so a bad file, column, row or tool name fails before Ray starts, naming them."""
     obj = resolve_target("task", spec)
-    _preflight("task", obj, {k: v for k, v in spec.items() if not k.startswith("_")})
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    _preflight("task", obj, {**kwargs, **offered(obj, tool_names=tool_names)})
 
 
-def _preflight(where: str, obj: Any, kwargs: dict[str, Any]) -> None:
-    """Call the target's static `preflight(**kwargs)`, if it has one, as a ConfigError."""
+def _check_protocol(spec: Target, tool_names: list[str]) -> None:
+    """Import the protocol; one with a `preflight` (inline tags) checks its settings, and the
+    tools they name, before Ray starts."""
+    obj = resolve_target("protocol", spec)
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    _preflight("protocol", obj, kwargs, tool_names=tool_names)
+
+
+def _preflight(where: str, obj: Any, kwargs: dict[str, Any], **run_values: Any) -> None:
+    """Call the target's static `preflight(**kwargs)`, if it has one, as a ConfigError; it
+    also gets the run's values it names (`offered`)."""
     preflight = getattr(obj, "preflight", None)
     if callable(preflight):
         try:
-            preflight(**kwargs)
+            preflight(**kwargs, **offered(preflight, **run_values))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from e
 
 
 def _check_reward(specs: dict[str, Target]) -> None:
-    """Build the reward stack (imports every target, binds its arguments; starts no process)."""
-    from toolrl.rewards.combine import RewardStack
+    """Build the reward stack (imports every target, binds its arguments; starts no process);
+    a reward class may check this machine in a static `preflight` (code tests: is bwrap here?)."""
+    from toolrl.rewards.combine import OWN_KEYS, RewardStack
 
     try:
         RewardStack(specs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"reward: {e}") from e
+    for name, spec in specs.items():
+        spec = {k: v for k, v in spec.items() if k not in OWN_KEYS}
+        kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+        _preflight(f"reward.{name}", resolve_target(f"reward.{name}", spec), kwargs)
 
 
 def _check_parser(spec: Target) -> None:

@@ -12,7 +12,6 @@ wandb files, the final Hugging Face checkpoint) go to Hydra's run folder, `runs/
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -26,9 +25,9 @@ from omegaconf.errors import OmegaConfBaseException
 from toolrl.config import (
     Config,
     ConfigError,
+    build_task,
     instantiate,
     register,
-    resolve_target,
     to_config,
     validate,
 )
@@ -53,6 +52,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     from toolrl.metrics import MetricsLogger
     from toolrl.rollout.agent_loop import LoopConfig
+    from toolrl.rollout.chat import read_chat_template
     from toolrl.trainer import Trainer
     from toolrl.workers.rollout import RolloutGroup, RolloutSpec
     from toolrl.workers.train_group import TrainGroup
@@ -73,6 +73,7 @@ def run(cfg: Config) -> dict[str, Any]:
         runtime_env={"env_vars": quiet},
     )
     try:
+        chat_template = read_chat_template(cfg.model.chat_template)
         spec = RolloutSpec(
             model_path=model_path,
             engine=r.engine,
@@ -84,6 +85,9 @@ def run(cfg: Config) -> dict[str, Any]:
             tools=cfg.tools,
             reward=cfg.reward,
             reward_workers=r.reward_workers,
+            protocol=cfg.protocol,
+            chat_template=chat_template,
+            chat_template_kwargs=cfg.model.chat_template_kwargs,
         )
         rollout = RolloutGroup(spec, r.num_workers, r.num_cpus_per_worker, r.num_gpus_per_worker)
         train = TrainGroup(t.train_group, model_path, t.optim, cfg.algorithm.loss)
@@ -99,7 +103,13 @@ def run(cfg: Config) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         trainer = Trainer(
             cfg,
-            task=build_task(cfg.task, tokenizer),
+            task=build_task(
+                cfg.task,
+                count_tokens=token_counter(
+                    tokenizer, chat_template, cfg.model.chat_template_kwargs
+                ),
+                tool_names=list(cfg.tools),
+            ),
             advantages=instantiate(cfg.algorithm.advantages),
             rollout=rollout,
             train=train,
@@ -117,17 +127,19 @@ def run(cfg: Config) -> dict[str, Any]:
         ray.shutdown()
 
 
-def build_task(spec: dict[str, Any], tokenizer: Any) -> Any:
-    """The task; one that takes `count_tokens` (the dataset task, to drop prompts longer than
-    its `max_prompt_tokens` at load) gets the length of a prompt as the chat template renders
-    it for generation, without the tools' schemas."""
+def token_counter(
+    tokenizer: Any, chat_template: str | None = None, template_kwargs: dict[str, Any] | None = None
+) -> Any:
+    """The length of a prompt as the chat template renders it for generation, without the
+    tools' schemas (a row's own tools are known only per row, in the rollout), with the run's
+    template control: `chat_template` (model.chat_template's text) and `template_kwargs`."""
+    from toolrl.rollout.chat import render_chat
 
     def count_tokens(messages: list[dict[str, Any]]) -> int:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(tokenizer, messages, True, None, chat_template, template_kwargs)
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    params = inspect.signature(resolve_target("task", spec)).parameters
-    return instantiate(spec, **({"count_tokens": count_tokens} if "count_tokens" in params else {}))
+    return count_tokens
 
 
 def _pad_id(tokenizer: Any) -> int:

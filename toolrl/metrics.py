@@ -25,7 +25,7 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
         return {}
     sampled = [sum(t.loss_mask) for t in trajs]
     return {
-        f"{prefix}/reward": mean(t.reward for t in trajs),
+        f"{prefix}/reward": mean(t.total_reward for t in trajs),
         f"{prefix}/answered": mean(t.info.get("final_text") is not None for t in trajs),
         f"{prefix}/response_len": mean(t.response_len for t in trajs),
         f"{prefix}/sampled_tokens": mean(sampled),

@@ -13,7 +13,6 @@ Run it through `python -m toolrl.main` (see README.md).
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from toolrl.algo.batch import TrainBatch
 from toolrl.config import Config
+from toolrl.data.order import PromptOrder
 from toolrl.metrics import MetricsLogger, rollout_metrics
 from toolrl.rollout.agent_loop import Episode
 from toolrl.rollout.trajectory import Trajectory
@@ -47,8 +47,7 @@ class Trainer:
         self.pad_id, self.model_path = pad_id, model_path
         self.train_prompts = task.prompts("train")
         self.eval_prompts = task.prompts("eval")[: cfg.trainer.eval_prompts]
-        self._order = list(range(len(self.train_prompts)))
-        random.Random(cfg.trainer.seed).shuffle(self._order)
+        self.order = PromptOrder(len(self.train_prompts), cfg.trainer.seed)  # resumable
 
     def fit(self) -> dict[str, Any]:
         """Train for trainer.total_steps; returns the last metrics, the final eval and the checkpoint."""
@@ -74,8 +73,7 @@ class Trainer:
     def _train_episodes(self, step: int) -> list[Episode]:
         t, n = self.cfg.trainer, self.cfg.rollout.n
         eps = []
-        for i in range(t.prompts_per_step):
-            pid = self._order[(step * t.prompts_per_step + i) % len(self._order)]
+        for i, pid in enumerate(self.order.next_indices(t.prompts_per_step)):
             p = self.train_prompts[pid]
             for k in range(n):
                 seed = hash((t.seed, step, i, k)) % (2**31 - 1)
@@ -124,7 +122,7 @@ class Trainer:
         return metrics
 
     def _batch(self, trajs: list[Trajectory]) -> TrainBatch:
-        rewards = torch.tensor([tr.reward for tr in trajs], dtype=torch.float32)  # [N]
+        rewards = torch.tensor([tr.total_reward for tr in trajs], dtype=torch.float32)  # [N]
         groups = torch.tensor([tr.prompt_id for tr in trajs], dtype=torch.long)  # [N]
         adv = self.advantages(rewards, groups)  # [N]
         return TrainBatch.from_trajectories(trajs, adv, self.pad_id)

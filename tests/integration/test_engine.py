@@ -154,6 +154,164 @@ def test_concurrent_generates_equal_solo_runs(runner, engine):
         assert a.logprobs == pytest.approx(b.logprobs, abs=TOL)
 
 
+# --- pauses: requests that stream and are cut (inline tags); see toolrl/rollout/pause.py ---
+
+
+def at_count(n: int):
+    """A pause that keeps the first `n` generated ids."""
+    return lambda ids: n if len(ids) >= n else None
+
+
+def assert_prefix(paused: Generation, full: Generation, n: int) -> None:
+    """`paused` is the first `n` ids (and logprobs) of the unpaused `full`, ending in "stop"."""
+    assert paused.finish_reason == "stop" and len(full.token_ids) >= n
+    assert paused.token_ids == full.token_ids[:n]
+    assert paused.logprobs == pytest.approx(full.logprobs[:n], abs=1e-5)
+
+
+def assert_no_request_left(runner: asyncio.Runner, engine: VLLMEngine) -> None:
+    """Nothing runs in vLLM: none in its output processor, and (resetting the prefix cache
+    succeeds only when no request holds KV blocks) none in its engine core."""
+    assert engine._in_flight == 0 and engine._drained.is_set()
+    assert engine._llm.get_num_unfinished_requests() == 0
+    assert runner.run(engine._llm.reset_prefix_cache())
+
+
+@pytest.fixture(scope="module")
+def decode(tiny_model_dir: Path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    return lambda ids: tok.decode(ids, skip_special_tokens=False)
+
+
+def tag_in(decode, ids: list[int]) -> str:
+    """A short text from the middle of decode(ids) (no U+FFFD), as a stop "tag"."""
+    text = decode(ids)
+    for size in (4, 3, 2):
+        for i in range(len(text) // 3, len(text) - size):
+            if "\ufffd" not in text[i : i + size]:
+                return text[i : i + size]
+    raise AssertionError(f"no clean text in {text!r}")
+
+
+def paused_gen(runner: asyncio.Runner, engine: VLLMEngine, ids: list[int], pause, **kw):
+    return runner.run(engine.generate(ids, Sampling(**kw), pause))
+
+
+def test_pause_keeps_a_prefix_of_the_sampled_ids(runner, engine, decode):
+    from tests.unit.test_pause import reference_cut
+    from toolrl.rollout.pause import stop_at_texts
+
+    kw = {"max_new_tokens": 40, "seed": 21}
+    full = gen(runner, engine, PROMPTS[0], **kw)
+    assert_prefix(paused_gen(runner, engine, PROMPTS[0], at_count(5), **kw), full, 5)
+    # A pause that never fires: as without one, also when a stop id ends the turn first.
+    never = paused_gen(runner, engine, PROMPTS[0], lambda ids: None, **kw)
+    assert never.token_ids == full.token_ids and never.finish_reason == "length"
+    assert never.logprobs == pytest.approx(full.logprobs, abs=1e-5)
+    k = next(i for i in range(8, 40) if full.token_ids[i] not in full.token_ids[:i])
+    stop = {**kw, "stop_token_ids": (full.token_ids[k],)}
+    assert_prefix(paused_gen(runner, engine, PROMPTS[0], lambda ids: None, **stop), full, k + 1)
+    assert_prefix(paused_gen(runner, engine, PROMPTS[0], at_count(k + 5), **stop), full, k + 1)
+    # A text from the middle of the unpaused sample, as a tag: cut at the shortest prefix.
+    tag = tag_in(decode, full.token_ids)
+    n = reference_cut(decode, full.token_ids, [tag])
+    assert n is not None and 1 < n < len(full.token_ids)
+    pause = stop_at_texts(decode, [tag])
+    paused = paused_gen(runner, engine, PROMPTS[0], pause, **kw)
+    assert_prefix(paused, full, n)
+    assert pause.matched == tag and tag in decode(paused.token_ids)
+    assert tag not in decode(paused.token_ids[:-1])
+
+
+def test_paused_request_leaves_vllm(runner, engine):
+    # The request could run 600 more tokens: after the cut it must be gone from vLLM.
+    start = time.perf_counter()
+    g = paused_gen(runner, engine, PROMPTS[1], at_count(3), max_new_tokens=600, seed=4)
+    print(f"[engine] paused at 3 of 600 tokens: {time.perf_counter() - start:.2f}s")
+    assert len(g.token_ids) == 3
+    assert_no_request_left(runner, engine)
+    after = gen(runner, engine, PROMPTS[1], max_new_tokens=6, seed=4)
+    assert after.finish_reason == "length" and after.token_ids[:3] == g.token_ids
+
+    def broken(ids: list[int]) -> int | None:
+        if len(ids) >= 2:
+            raise KeyError("bug in a pause")
+        return None
+
+    with pytest.raises(KeyError, match="bug in a pause"):
+        paused_gen(runner, engine, PROMPTS[1], broken, max_new_tokens=600, seed=4)
+    with pytest.raises(ValueError, match="pause returned 0"):
+        paused_gen(runner, engine, PROMPTS[1], lambda ids: 0, max_new_tokens=600, seed=4)
+    assert_no_request_left(runner, engine)
+
+
+class HeldCut:
+    """A pause that keeps the first `n` ids, once released (until then it lets ids come)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls, self.released = n, 0, False
+
+    def __call__(self, ids: list[int]) -> int | None:
+        self.calls += 1
+        return self.n if self.released and len(ids) >= self.n else None
+
+
+def test_concurrent_paused_requests(runner, engine, decode, hf_model):
+    from tests.unit.test_pause import reference_cut
+    from toolrl.rollout.pause import StopAtTexts
+
+    jobs = [(PROMPTS[i % len(PROMPTS)] + [i], 2000 + i) for i in range(16)]
+
+    async def run(max_new: int, pauses: list) -> list[Generation]:
+        calls = (
+            engine.generate(ids, Sampling(max_new_tokens=max_new, seed=seed), pause)
+            for (ids, seed), pause in zip(jobs, pauses, strict=True)
+        )
+        return list(await asyncio.gather(*calls))
+
+    full = runner.run(run(32, [None] * 16))
+    # Even jobs cut at a count, odd ones at a text from the middle of their own sample.
+    tags = [tag_in(decode, g.token_ids) for g in full]
+    cuts = [
+        3 + i if i % 2 == 0 else reference_cut(decode, g.token_ids, [tags[i]])
+        for i, g in enumerate(full)
+    ]
+    pauses = [
+        at_count(c) if i % 2 == 0 else StopAtTexts(decode, [tags[i]]).pause()
+        for i, c in enumerate(cuts)
+    ]
+    start = time.perf_counter()
+    paused = runner.run(run(400, pauses))
+    print(f"[engine] 16 concurrent paused requests: {time.perf_counter() - start:.2f}s")
+    for g, f, n in zip(paused, full, cuts, strict=True):
+        assert_prefix(g, f, n)
+    assert_no_request_left(runner, engine)
+
+    # A weight swap (to the same weights) called while 16 paused requests stream: it waits
+    # for them to be cut and aborted, then runs; each keeps its exact prefix.
+    async def update_while_paused() -> list[Generation]:
+        held = [HeldCut(c) for c in cuts]
+        task = asyncio.create_task(run(400, held))
+        while not all(h.calls for h in held):
+            await asyncio.sleep(0.005)
+        update = asyncio.create_task(
+            engine.load_weights(pack_state_dict(hf_model.state_dict()), engine.version)
+        )
+        await asyncio.sleep(0.05)
+        assert not update.done() and engine._in_flight == 16
+        for h in held:
+            h.released = True
+        await update
+        assert task.done()  # the update waited for every paused request
+        return await task
+
+    for g, f, n in zip(runner.run(update_while_paused()), full, cuts, strict=True):
+        assert_prefix(g, f, n)
+    assert_no_request_left(runner, engine)
+
+
 def perturbed_model(hf_model, seed: int):
     """A copy of `hf_model` with N(0, 0.05) noise on every parameter (tied head included)."""
     import copy

@@ -1,9 +1,9 @@
-"""The shipped recipes (conf/experiment/math_python.yaml, function_calling.yaml) end to end:
-`python -m toolrl.main +experiment=<recipe>` for two steps on the embedded model and the
-recipe's sample rows, with every reward component in metrics.jsonl.
+"""The shipped recipes (conf/experiment/) end to end: `python -m toolrl.main +experiment=<recipe>`
+for two steps on the embedded model and the recipe's sample rows, with every reward component
+in metrics.jsonl.
 
-    python -m pytest tests/integration/test_recipes.py            # math_python
-    python -m pytest tests/integration/test_recipes.py -m slow    # function_calling too
+    python -m pytest tests/integration/test_recipes.py            # math_python, search_r1
+    python -m pytest tests/integration/test_recipes.py -m slow    # the others too
 """
 
 from __future__ import annotations
@@ -15,15 +15,22 @@ from tests.integration.conftest import run_main
 COMPONENTS = {
     "math_python": ["math", "tool_shaping"],
     "function_calling": ["tool_calls/name", "tool_calls/keys", "tool_calls/values", "tool_shaping"],
+    "search_r1": ["qa_em"],
+    "code_inline": ["math"],
+    "guess_number": ["solved"],
 }
 
 
-# math_python runs in the default suite; function_calling's run (about a minute more, its
-# reward and per-row tools are covered by tests/unit/test_recipes.py and test_agent_loop.py)
-# runs on request: python -m pytest -m slow
+# One recipe per protocol family runs in the default suite (chat tool turns: math_python;
+# inline tags: search_r1). The others take about a minute each and run on request
+# (python -m pytest -m slow); their parts are covered by tests/unit/test_recipes.py,
+# test_agent_loop.py and test_protocols.py.
 RECIPES = [
     "math_python",
+    "search_r1",
     pytest.param("function_calling", marks=pytest.mark.slow),
+    pytest.param("code_inline", marks=pytest.mark.slow),
+    pytest.param("guess_number", marks=pytest.mark.slow),
 ]
 
 

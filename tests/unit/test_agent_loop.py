@@ -17,7 +17,9 @@ from toolrl.rewards.runner import RewardRunner
 from toolrl.rollout.agent_loop import AgentLoop, Episode, LoopConfig
 from toolrl.rollout.chat import ChatBuilder
 from toolrl.rollout.parsers.hermes import HermesParser
+from toolrl.rollout.protocols.chat import ChatToolTurns
 from toolrl.rollout.sampler import Generation, Sampler, Sampling
+from toolrl.rollout.text import PlainText
 from toolrl.tools.base import StatelessTool, ToolInfraError
 from toolrl.tools.calculator import Calculator
 
@@ -39,7 +41,8 @@ class ScriptedEngine:
     def __init__(self, tok, script):
         self.tok, self.script, self.contexts = tok, script, []
 
-    async def generate(self, token_ids: list[int], sampling: Sampling) -> Generation:
+    async def generate(self, token_ids: list[int], sampling: Sampling, pause=None) -> Generation:
+        assert pause is None  # chat turns end at the end-of-turn id
         self.contexts.append(list(token_ids))
         context = self.tok.decode(token_ids)
         turn = context.count("<|im_start|>assistant") - 1  # assistant headers so far
@@ -89,12 +92,12 @@ def tok(embedded_base):
     return AutoTokenizer.from_pretrained(embedded_base)
 
 
-def make_loop(tok, script, tools=None, **cfg):
+def make_loop(tok, script, tools=None, reasoning=None, **cfg):
     tools = tools or {"calculator": Calculator()}
     chat = ChatBuilder(tok, [t.schema() for t in tools.values()])
     engine = ScriptedEngine(tok, script)
-
-    loop = AgentLoop(engine, chat, HermesParser(), tools, REWARDS, LoopConfig(**cfg))
+    protocol = ChatToolTurns(chat, HermesParser(), reasoning)
+    loop = AgentLoop(engine, protocol, tools, REWARDS, LoopConfig(**cfg), PlainText(tok).truncate)
     return loop, engine, chat
 
 
@@ -182,6 +185,11 @@ def test_out_of_turns_or_tokens_gives_no_answer(tok):
     loop, _, _ = make_loop(tok, replies("42 " * 200), max_total_tokens=120)
     t = run(loop)
     assert t.turns[-1].finish_reason == "length" and len(t.token_ids) == 120 and t.reward == 0.0
+    # a turn cut by the budget is still read: its malformed call counts as a tool error
+    loop, _, _ = make_loop(tok, replies("<tool_call>\n{oops</tool_call>" + "x " * 200))
+    t = run(loop)
+    assert t.turns[-1].finish_reason == "length" and t.num_tool_errors == 1
+    assert t.turns[-1].results == [] and t.info["final_text"] is None
 
 
 def test_state_is_per_trajectory_and_a_slow_tool_does_not_stall_others(tok):
@@ -265,11 +273,7 @@ def _reasoning_loop(tok, script, template: str | None = None):
     if template is not None:
         tok = copy.deepcopy(tok)
         tok.chat_template = trl_template(template)
-    loop, engine, chat = make_loop(tok, script, {"rec": Recorder()}, max_total_tokens=4096)
-    loop = AgentLoop(
-        engine, chat, HermesParser(), loop.tools, loop.rewards, loop.cfg, TagReasoning()
-    )
-    return loop, engine, chat
+    return make_loop(tok, script, {"rec": Recorder()}, TagReasoning(), max_total_tokens=4096)
 
 
 def run_long(loop):
@@ -303,12 +307,12 @@ def test_a_block_the_prompt_opened_ends_at_the_first_end_tag(tok):
     final = "Done.\n</think>\n\nThe answer: 42<|im_end|>"  # the tool turn reopens it too
     script = replies(inner + call("6 * 7", name="rec") + "<|im_end|>", final)
     loop, _, chat = _reasoning_loop(tok, script, template="qwen3_5_think.jinja")
-    assert chat.generation_prompt.endswith("<think>\n") and loop.opens_reasoning
+    assert chat.generation_prompt.endswith("<think>\n") and loop.protocol.opens_reasoning
     t = run_long(loop)
     assert [c.arguments for c in t.turns[0].calls] == [{"expression": "6 * 7"}]
     assert t.turns[0].reasoning_calls == 1 and t.info["final_text"] == "The answer: 42"
     # the embedded template opens no block, so the same text would hold two calls
-    assert not _reasoning_loop(tok, script)[0].opens_reasoning
+    assert not _reasoning_loop(tok, script)[0].protocol.opens_reasoning
 
 
 def test_a_think_tag_in_a_tool_description_opens_no_reasoning(tok):
@@ -345,6 +349,20 @@ def test_every_reward_component_reaches_the_trajectory(tok):
     assert t.reward == 2.0 * 1.0 + 0.5 * (1.0 + 1.0) and t.info["reward_failures"] == 0
     # the reward saw the conversation: the call, the tool's answer, the final text
     assert [turn.content for turn in t.turns] == ["", "The answer is 42."]
+
+
+def test_per_turn_credit_lands_on_the_turns(tok):
+    # turn 0 calls a tool that does not exist (one error), turn 1 answers
+    script = replies(call("1", name="nope") + "<|im_end|>", "The answer is 42.<|im_end|>")
+    loop, _, _ = make_loop(tok, script)
+    shaping = {"_target_": "toolrl.rewards.format.tool_error_penalty", "per_turn": True}
+    stack = {"answer": {"_target_": f"{__name__}.contains_answer"}, "shaping": shaping}
+    loop.rewards = RewardRunner(RewardStack(stack))
+    t = run(loop)
+    assert t.reward == 1.0  # the final reward alone
+    assert [turn.reward for turn in t.turns] == pytest.approx([-0.1, 0.0])
+    assert t.total_reward == pytest.approx(0.9)
+    assert t.info["reward_components"] == pytest.approx({"answer": 1.0, "shaping": -0.1})
 
 
 def test_a_reward_that_fails_outside_the_model_is_an_infra_fault(tok):

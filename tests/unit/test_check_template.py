@@ -67,6 +67,8 @@ def test_embedded_model_is_usable(embedded_base: str, capsys) -> None:
     glue = "'\\n<|im_start|>user\\n<tool_response>\\nRESULT\\n</tool_response><|im_end|>\\n"
     assert glue + "<|im_start|>assistant\\n' ids=[" in out
     assert "renders tool schemas: yes" in out and "tool output written: as is" in out
+    assert "user turns (environment observations) append-only: yes\n" in out
+    assert "user turns token-exact with the render: yes (17 texts" in out
     assert "strips reasoning from earlier turns: no" in out
     assert "turns start inside <think> (the prompt opens it): no" in out
     assert "parser: hermes (conf/parser/hermes.yaml" in out and "parses the template's own" in out
@@ -157,3 +159,23 @@ def test_tool_answer_seams_on_qwen2_5_real_vocabulary(tmp_path, capsys, monkeypa
     differ += ["x\n[output truncated: 12 more tokens]"]
     assert line.endswith(f"no: 12 of 17 answers differ: {', '.join(map(repr, differ))}"), line
     assert "a train/serve mismatch" in out.splitlines()[-1]
+
+
+def test_template_kwargs_and_user_turns(embedded_base: str, tmp_path, capsys) -> None:
+    qwen3 = str(trl_template_file("qwen3.jinja"))
+    # Qwen3 without thinking: every turn opens and closes an empty think block, which the
+    # template leaves out of earlier turns (the builder keeps it)
+    kwargs = '{"enable_thinking": false}'
+    code, out = run(capsys, embedded_base, "--chat-template", qwen3, "--template-kwargs", kwargs)
+    assert code == 0, out
+    assert "<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' ids=[" in out
+    assert "append-only: yes (earlier turns render without '<think>\\n\\n</think>\\n\\n'" in out
+    assert "turns start inside <think> (the prompt opens it): no" in out
+    # Mistral v11 writes the tools' schemas before the last user message: tool turns only
+    folder = model_folder(embedded_base, tmp_path / "m", MISTRAL, "</s>", mistral_v11_template())
+    code, out = run(capsys, str(folder))
+    assert code == 0 and "user turns (environment observations) append-only: no: " in out, out
+    assert "re-renders the prompt" in out and "user turns token-exact with the render: -" in out
+    # arguments that are not a JSON object
+    assert run(capsys, embedded_base, "--template-kwargs", "[1]")[0] == 2
+    assert run(capsys, embedded_base, "--template-kwargs", "{nope")[0] == 2

@@ -101,6 +101,19 @@ def test_asking_for_more_cpus_than_the_local_cluster_has_fails_early():
     validate(load("ray.num_cpus=2", "rollout.eval_sampler.temperature=0.5"))  # eval may temper
 
 
+def test_a_row_naming_an_unconfigured_tool_fails_validation():
+    # The function_calling rows name calculator and search; configuring calculator alone must
+    # fail here, naming the row and the column, not as a KeyError inside a rollout worker.
+    with pytest.raises(ConfigError, match=r"row \d+.*'tools'.*\['search'\].*does not configure"):
+        validate(load("+experiment=function_calling", "tools=[calculator]"))
+
+
+def test_a_reward_that_cannot_run_on_this_machine_fails_validation():
+    # The code reward's preflight checks the sandbox here, not at the first scoring in a worker.
+    with pytest.raises(ConfigError, match=r"reward\.code: .*/nope/python.*not an executable"):
+        validate(load("reward=code", "+reward.code.sandbox.python=/nope/python"))
+
+
 def test_bad_config_fails_before_ray_starts(tmp_path):
     # The CLI exits with code 2 and a readable message; no Ray session is created.
     out = subprocess.run(

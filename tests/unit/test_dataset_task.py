@@ -1,4 +1,4 @@
-"""DatasetTask: reading jsonl/parquet/save_to_disk, column mapping, seeded resumable order,
+"""DatasetTask: reading jsonl/parquet/save_to_disk, column mapping,
 the token-budget drop, preflight errors that name file/row/column, and the ArithmeticTask API.
 
     python -m pytest tests/unit/test_dataset_task.py --durations=5
@@ -187,34 +187,6 @@ def test_shipped_samples_load():
     calls = [json.loads(p.answer) for p in task.prompts("train")]
     assert len(calls) >= 3 and all("name" in c and "arguments" in c for c in calls)
     assert any(p.tools is None for p in task.prompts("train"))
-
-
-# ---- order and resume ------------------------------------------------------------------------
-
-
-def walk(task: DatasetTask, batches: int, n: int = 3) -> list[str]:
-    return [p.answer for _ in range(batches) for p in task.next_batch(n)]
-
-
-def test_seeded_order_epochs_and_resume(tmp_path):
-    path = write(ROWS, tmp_path / "d.jsonl")
-    a, b, other = math_task(path, seed=1), math_task(path, seed=1), math_task(path, seed=2)
-    order = walk(a, 8)  # 24 prompts: three epochs of 8
-    assert order == walk(b, 8)
-    assert order != walk(other, 8)
-    epochs = [order[i : i + 8] for i in range(0, 24, 8)]
-    assert all(sorted(e) == sorted(r["answer"] for r in ROWS) for e in epochs)
-    assert epochs[0] != epochs[1] != epochs[2]  # each epoch reshuffles
-    assert a.epoch == 3 and a.state_dict()["position"] == 0  # three full passes done
-
-    first = math_task(path, seed=1)
-    walk(first, 3)  # 9 prompts: into the second epoch
-    state = first.state_dict()
-    resumed = math_task(path, seed=1)
-    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
-    assert walk(resumed, 5) == walk(first, 5) == order[9:24]
-    with pytest.raises(ValueError, match="does not match"):
-        math_task(path, seed=3).load_state_dict(state)
 
 
 # ---- token budget ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from tests.unit.sandbox_procs import UID_BASE, sandbox_pids
 from toolrl.tools.calculator import Calculator
 from toolrl.tools.python_exec import PythonTool
 from toolrl.tools.sandbox import SandboxConfig, check_host, probe
@@ -29,37 +30,9 @@ TIMEOUT = 2.0
 SECRET = "toolrl-test-secret-4242"
 
 
-# As root each sandbox runs as a uid of its own from uid_base on: a range for this process
-# tells its sandboxes apart from those of other jobs on the machine, even once orphaned.
-UID_BASE = 1_000_000_000 + (os.getpid() % 1000) * 1_000_000  # below 2**31 for bwrap
-
-
-def _ours(pid: str) -> bool:
-    with open(f"/proc/{pid}/status") as f:
-        status = dict(line.split(":", 1) for line in f if ":" in line)
-    if os.geteuid() == 0:
-        return UID_BASE <= int(status["Uid"].split()[0]) < UID_BASE + 1_000_000
-    parent = int(status["PPid"])  # not root: a descendant of this process
-    return parent == os.getpid() or (parent > 1 and _ours(str(parent)))
-
-
-def _sandbox_pids() -> set[int]:
-    """Pids of this test process's live sandbox processes (the worker source is in argv)."""
-    pids = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read()
-                if (b"bwrap" in argv or b"_LIMITS = {" in argv) and _ours(pid):
-                    pids.add(int(pid))
-        except (OSError, KeyError, ValueError):
-            pass  # it ended while we looked
-    return pids
-
-
 def run(script: Callable[[PythonTool], Awaitable[None]], **kwargs: object) -> None:
     """Run `script` against a fresh tool, then check no sandbox process outlives the tool."""
-    before = _sandbox_pids()
+    before = sandbox_pids()
     os.environ["TOOLRL_SECRET"] = SECRET  # a host secret that must never be readable inside
 
     async def main() -> None:
@@ -77,9 +50,9 @@ def run(script: Callable[[PythonTool], Awaitable[None]], **kwargs: object) -> No
     finally:
         del os.environ["TOOLRL_SECRET"]
     deadline = time.time() + 5
-    while _sandbox_pids() - before and time.time() < deadline:
+    while sandbox_pids() - before and time.time() < deadline:
         time.sleep(0.05)
-    left = {p: open(f"/proc/{p}/status").read()[:300] for p in _sandbox_pids() - before}
+    left = {p: open(f"/proc/{p}/status").read()[:300] for p in sandbox_pids() - before}
     assert not left, f"sandbox processes outlived the tool: {left}"
 
 

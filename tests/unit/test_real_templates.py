@@ -43,7 +43,9 @@ from toolrl.rollout.parsers.base import Parser
 from toolrl.rollout.parsers.hermes import HermesParser
 from toolrl.rollout.parsers.llama3_json import Llama3JsonParser
 from toolrl.rollout.parsers.mistral import MistralParser
+from toolrl.rollout.protocols.chat import ChatToolTurns
 from toolrl.rollout.sampler import Generation, Sampler, Sampling
+from toolrl.rollout.text import PlainText
 from toolrl.rollout.trajectory import ToolResult, Trajectory, Turn
 from toolrl.tools.calculator import CALCULATOR_SCHEMA, Calculator
 
@@ -519,7 +521,9 @@ def test_agent_loop_answers_carry_the_sampled_call_ids(builders, name: str) -> N
     texts = [fam.calls_text(CALLS), ANSWER]
     tools = {"calculator": Calculator()}
     rewards = RewardRunner(RewardStack({"one": {"_target_": f"{__name__}.always_one"}}))
-    loop = AgentLoop(ScriptedTurns(chat, texts), chat, fam.parser, tools, rewards, LoopConfig())
+    protocol = ChatToolTurns(chat, fam.parser)
+    engine = ScriptedTurns(chat, texts)
+    loop = AgentLoop(engine, protocol, tools, rewards, LoopConfig(), PlainText(chat.tok).truncate)
     traj = asyncio.run(
         loop.run(Episode(0, MSGS, row={"answer": "42"}), Sampler(max_new_tokens=128))
     )

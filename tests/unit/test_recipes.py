@@ -74,10 +74,11 @@ def test_function_calling_rewards_the_expected_call_only():
 
 
 def test_a_run_drops_prompts_over_the_token_budget_at_load(embedded_base, caplog):
-    # main.build_task hands the dataset task a tokenizer-based count_tokens.
+    # The run hands the dataset task a tokenizer-based count_tokens (main.token_counter).
     from transformers import AutoTokenizer
 
-    from toolrl.main import build_task
+    from toolrl.config import build_task
+    from toolrl.main import token_counter
 
     tok = AutoTokenizer.from_pretrained(embedded_base)
     spec = dict(recipe("math_python").task, system_prompt=None)
@@ -86,7 +87,33 @@ def test_a_run_drops_prompts_over_the_token_budget_at_load(embedded_base, caplog
                for p in instantiate(spec).prompts("train")]  # fmt: skip
     budget = sorted(lengths)[len(lengths) // 2]
     with caplog.at_level("WARNING"):
-        task = build_task({**spec, "max_prompt_tokens": budget}, tok)
+        task = build_task({**spec, "max_prompt_tokens": budget}, count_tokens=token_counter(tok))
         kept = task.prompts("train")
     assert len(kept) == sum(n <= budget for n in lengths) < len(lengths)
     assert f"dropped {len(lengths) - len(kept)} of {len(lengths)}" in caplog.text
+
+
+def test_search_r1_rewards_a_golden_answer_in_answer_tags_only():
+    cfg = recipe("search_r1")
+    prompts = instantiate(cfg.task).prompts("train")
+    first = lambda p: p.row["golden_answers"][0]  # noqa: E731
+    good = [answered(p, f"<search> x </search> so <answer> {first(p)} </answer>") for p in prompts]
+    bad = [answered(p, f"It is {first(p)}.") for p in prompts]  # no answer tags: not an answer
+    scores = score_all(cfg, good + bad)
+    assert [s.total for s in scores] == [1.0] * len(prompts) + [0.0] * len(prompts)
+    assert all("Question: " in p.messages[-1]["content"] for p in prompts)
+
+
+def test_code_inline_and_guess_number_reward_the_right_answer_only():
+    cfg = recipe("code_inline")
+    prompts = instantiate(cfg.task).prompts("train")
+    good = [answered(p, f"<code>print(1)</code> so \\boxed{{{p.answer}}}") for p in prompts]
+    bad = [answered(p, f"\\boxed{{{int(p.answer) + 1}}}") for p in prompts]
+    scores = score_all(cfg, good + bad)
+    assert [s.total for s in scores] == [1.0] * len(prompts) + [0.0] * len(prompts)
+    cfg = recipe("guess_number")
+    prompts = instantiate(cfg.task).prompts("train")
+    good = [answered(p, str(p.row["secret"])) for p in prompts]
+    bad = [answered(p, str(p.row["secret"] % 10 + 1)) for p in prompts]
+    scores = score_all(cfg, good + bad)
+    assert [s.total for s in scores] == [1.0] * len(prompts) + [0.0] * len(prompts)

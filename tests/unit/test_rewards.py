@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from toolrl.rewards.base import Scored
+from toolrl.rewards.base import PerTurn, Scored
 from toolrl.rewards.combine import RewardStack
 from toolrl.rewards.format import FormatMatch, tool_error_penalty
 from toolrl.rewards.math import math_answer
@@ -43,7 +43,7 @@ def test_scored_from_trajectory():
     x = Scored.from_trajectory(traj, prompt, {"answer": "3901", "id": 7}, ["c1", "c2", "c3"])
     assert x.final_text is None
     assert x.finish_reasons == ["stop", "stop", "length"]
-    assert (x.tool_calls, x.tool_errors) == (2, 1)
+    assert (x.tool_calls, x.tool_errors, x.turn_tool_errors) == (2, 1, [0, 1, 0])
     assert x.row == {"answer": "3901", "id": 7}
     assert [m["role"] for m in x.messages] == ["user", "assistant", "tool", "assistant", "tool",
                                                "assistant"]  # fmt: skip
@@ -58,6 +58,9 @@ def test_scored_from_trajectory():
     assert x.messages[4]["tool_call_id"] == "abcdefghi"
     assert x.messages[5] == {"role": "assistant", "content": "c3"}  # no calls: no tool_calls key
     assert pickle.loads(pickle.dumps(x)) == x  # it travels to pool workers
+    traj.turns[2].observation = "Higher."  # an environment's answer is the next user message
+    seen = Scored.from_trajectory(traj, prompt, {}, ["c1", "c2", "c3"]).messages
+    assert seen[-1] == {"role": "user", "content": "Higher."}
     with pytest.raises(ValueError, match="2 turn contents for 3 turns"):
         Scored.from_trajectory(traj, prompt, {}, ["c1", "c2"])
 
@@ -166,6 +169,14 @@ def test_tool_error_penalty(errors, expected):
     assert tool_error_penalty(scored("x", tool_errors=errors), 0.1, 0.5) == pytest.approx(expected)
 
 
+def test_tool_error_penalty_per_turn_charges_the_turns_that_erred_up_to_the_cap():
+    x = Scored([], "x", turn_tool_errors=[0, 2, 0, 4, 1], tool_errors=7)
+    credit = tool_error_penalty(x, 0.1, 0.5, per_turn=True)
+    # turn 1 pays 0.2, turn 3 the 0.3 left of the cap, turn 4 nothing: the same -0.5 in total
+    assert credit.values == pytest.approx((0.0, -0.2, 0.0, -0.3, 0.0))
+    assert sum(credit.values) == pytest.approx(tool_error_penalty(x, 0.1, 0.5))
+
+
 # --- the stack --------------------------------------------------------------------------------
 
 
@@ -188,6 +199,25 @@ def test_stack_weights_and_mapping_components():
     failed = stack.combine({"constant": None, "judge": {"chars": 2.0, "one": 1.0}, "obj": 0.3})
     assert failed.total == pytest.approx(0.5 * 3 + 0.3)
     assert failed.components["constant"] == 0.0 and failed.model_failures == 1
+
+
+def test_stack_keeps_per_turn_credit_apart_from_the_final_reward():
+    stack = RewardStack(
+        {
+            "answer": {"_target_": "tests.unit.reward_fixtures.constant", "value": 1.0},
+            "shaping": {"_target_": "tests.unit.reward_fixtures.constant", "weight": 0.5},
+        }
+    )
+    score = stack.combine({"answer": 1.0, "shaping": PerTurn([-0.2, 0.0, -0.4])}, num_turns=3)
+    assert score.outcome == 1.0 and score.per_turn == pytest.approx((-0.1, 0.0, -0.2))
+    assert score.total == pytest.approx(0.7)
+    assert score.components == pytest.approx({"answer": 1.0, "shaping": -0.6})  # logged as sum
+    plain = stack.combine({"answer": 1.0, "shaping": 0.25}, num_turns=3)
+    assert (plain.outcome, plain.per_turn) == (1.125, ())  # nothing credited per turn
+    with pytest.raises(ValueError, match="2 per-turn values for 3 turns"):
+        stack.combine({"answer": 1.0, "shaping": PerTurn([0.0, 0.0])}, num_turns=3)
+    with pytest.raises(ValueError, match="not a finite number"):
+        stack.combine({"answer": 1.0, "shaping": PerTurn([float("nan")])}, num_turns=1)
 
 
 def test_stack_rejects_bad_specs():

@@ -4,17 +4,17 @@ A researcher points `conf/task/dataset.yaml` at jsonl, parquet or `save_to_disk`
 maps columns onto a prompt; the files are read with Hugging Face `datasets` (local files only,
 its cache kept under `${TOOLRL_CACHE:-~/.cache/toolrl}/datasets`). `prompts(split)` returns the
 same kind of prompts as `ArithmeticTask`, plus `.row` (the columns the reward sees) and
-`.tools` (the tool names the row offers, None for all). Training order is a seeded permutation
-per epoch that `next_batch(n)` walks; `state_dict()` / `load_state_dict()` carry its position
-across a resume. `DatasetTask.preflight(**kwargs)` checks the files before Ray starts.
+`.tools` (the tool names the row offers, None for all). The trainer draws train prompts in a
+seeded, resumable order (toolrl/data/order.py), as for any task.
+`DatasetTask.preflight(**kwargs)` checks the files before Ray starts.
 
     python -m toolrl.main task=dataset task.train_files=toolrl/data/samples/math_sample.jsonl \\
         task.eval_files=toolrl/data/samples/math_sample.jsonl \\
         task.prompt_column=question task.answer_column=answer
 
     task = DatasetTask(train_files="train.jsonl", eval_files="eval.jsonl",
-                       prompt_column="question", answer_column="answer", seed=1)
-    batch = task.next_batch(16); state = task.state_dict()
+                       prompt_column="question", answer_column="answer")
+    task.prompts("train")[0].messages
 
     python -m pytest tests/unit/test_dataset_task.py
 """
@@ -25,7 +25,6 @@ import glob
 import json
 import logging
 import os
-import random
 import string
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -59,7 +58,6 @@ class DatasetConfig:
     answer_column: str | None = None  # the reference answer; "" when unset or null
     tools_column: str | None = None  # per row, a list of tool names (null: all tools)
     reward_columns: list[str] | None = None  # the columns in `.row`; None: the whole row
-    seed: int = 0  # the training order's permutation
     max_prompt_tokens: int | None = None  # longer prompts are dropped at load (needs count_tokens)
 
 
@@ -211,18 +209,20 @@ def template_columns(template: str) -> list[str]:
 
 
 class DatasetTask:
-    """Train/eval prompts read from data files, in a seeded order that survives a resume.
+    """Train/eval prompts read from data files, with their rows and tool subsets.
 
     Accepts a config or its fields as keywords, so YAML can say
     `task: {_target_: toolrl.data.dataset.DatasetTask, train_files: ..., eval_files: ...}`.
-    `count_tokens(messages) -> int` measures a prompt for `max_prompt_tokens`; without it,
-    nothing is dropped.
+    The run passes two values of its own: `count_tokens(messages) -> int` measures a prompt
+    for `max_prompt_tokens` (without it, nothing is dropped), and `tool_names`, the tools the
+    run configures, which every row's tool list must come from (without it, not checked).
     """
 
     def __init__(
         self,
         cfg: DatasetConfig | None = None,
         count_tokens: CountTokens | None = None,
+        tool_names: Sequence[str] | None = None,
         **overrides: Any,
     ) -> None:
         cfg = cfg or DatasetConfig()
@@ -234,11 +234,9 @@ class DatasetTask:
             overrides["reward_columns"] = [str(c) for c in overrides["reward_columns"]]
         self.cfg = replace(cfg, **overrides)
         self.count_tokens = count_tokens
+        self.tool_names = None if tool_names is None else list(tool_names)
         self._check_config()
         self._prompts = {split: self._load(split) for split in SPLITS}
-        self._epoch = 0
-        self._position = 0
-        self._order = self._permutation(0)
 
     @classmethod
     def preflight(cls, **kwargs: Any) -> None:
@@ -332,6 +330,13 @@ class DatasetTask:
             messages = [{"role": "system", "content": c.system_prompt}, *messages]
         answer = "" if c.answer_column is None else _answer(row[c.answer_column])
         tools = None if c.tools_column is None else _tools(row[c.tools_column], src, c.tools_column)
+        unknown = sorted(set(tools or ()) - set(self.tool_names or tools or ()))
+        if unknown:
+            raise ValueError(
+                f"{src.where(c.tools_column)}: names tool(s) {unknown} that the run does not "
+                f"configure (tools: {', '.join(self.tool_names or [])}); add them with "
+                f"tools=[...] or fix the row"
+            )
         seen = row if c.reward_columns is None else {k: row[k] for k in c.reward_columns}
         return DatasetPrompt(messages=messages, answer=answer, row=dict(seen), tools=tools)
 
@@ -358,56 +363,6 @@ class DatasetTask:
         if split not in self._prompts:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         return self._prompts[split]
-
-    @property
-    def epoch(self) -> int:
-        """How many full passes over the train prompts `next_batch` has completed."""
-        return self._epoch
-
-    def _permutation(self, epoch: int) -> list[int]:
-        # Seeded by (seed, epoch) alone, so a resume rebuilds the same order from the state.
-        order = list(range(len(self._prompts["train"])))
-        random.Random(f"toolrl-dataset:{self.cfg.seed}:{epoch}").shuffle(order)
-        return order
-
-    def next_batch(self, n: int) -> list[DatasetPrompt]:
-        """The next `n` train prompts of the seeded order; a new epoch reshuffles."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        train = self._prompts["train"]
-        out: list[DatasetPrompt] = []
-        while len(out) < n:
-            take = self._order[self._position : self._position + n - len(out)]
-            out.extend(train[i] for i in take)
-            self._position += len(take)
-            if self._position == len(self._order):  # start the next epoch at once, so that
-                self._epoch += 1  # `epoch` counts completed passes and the state is canonical
-                self._position = 0
-                self._order = self._permutation(self._epoch)
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        """Where `next_batch` stands: enough, with the same config and data, to continue."""
-        return {
-            "seed": self.cfg.seed,
-            "epoch": self._epoch,
-            "position": self._position,
-            "num_prompts": len(self._prompts["train"]),
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a `state_dict()`; the seed and the number of train prompts must match,
-        since another permutation would silently repeat some rows and skip others."""
-        size = len(self._prompts["train"])
-        if state["seed"] != self.cfg.seed or state["num_prompts"] != size:
-            raise ValueError(
-                f"the saved data order (seed {state['seed']}, {state['num_prompts']} prompts) "
-                f"does not match this task (seed {self.cfg.seed}, {size} prompts)"
-            )
-        if not 0 <= state["position"] < size or state["epoch"] < 0:
-            raise ValueError(f"bad dataset state {state}")
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation(self._epoch)
 
 
 def _messages(value: Any, src: _Source, column: str) -> list[dict[str, Any]]:

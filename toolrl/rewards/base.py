@@ -1,10 +1,12 @@
 """What a reward receives and returns, and the error that says "not the model's fault".
 
 A reward is any callable (function or object, plain or `async def`) that takes one `Scored`,
-the read-only view of a finished trajectory, and returns a float or a mapping of named floats:
+the read-only view of a finished trajectory, and returns a float, a mapping of named floats,
+or `PerTurn` values credited to each assistant turn (shaping; the rest is the final reward):
 
     def my_reward(x: Scored) -> float: ...
     async def judge(x: Scored) -> Mapping[str, float]: ...   # e.g. {"helpful": .7, "safe": 1}
+    def shaping(x: Scored) -> PerTurn: ...                   # PerTurn([-.1, 0.0]) for 2 turns
 
 Rewards are built from config by `toolrl.rewards.combine.RewardStack` and scored by
 `toolrl.rewards.runner.RewardRunner`. Failures split by whose fault they are: a reward that
@@ -26,8 +28,20 @@ from typing import Any, Protocol, runtime_checkable
 
 from toolrl.rollout.trajectory import ToolCall, Trajectory, Turn
 
-# What a reward may return: one number, or named components (logged as `name/key`).
-RewardValue = float | Mapping[str, float]
+
+@dataclass(frozen=True)
+class PerTurn:
+    """Reward credited turn by turn: `values[i]` belongs to assistant turn i (its last sampled
+    token), so an algorithm with per-token credit can place it there. Logged as its sum."""
+
+    values: tuple[float, ...]
+
+    def __init__(self, values: Sequence[float]) -> None:
+        object.__setattr__(self, "values", tuple(values))
+
+
+# What a reward may return: one number, named components (logged as `name/key`), or PerTurn.
+RewardValue = float | Mapping[str, float] | PerTurn
 
 
 class RewardInfraError(RuntimeError):
@@ -52,6 +66,11 @@ class Scored:
     finish_reasons: list[str] = field(default_factory=list)  # per assistant turn
     tool_errors: int = 0
     tool_calls: int = 0
+    turn_tool_errors: list[int] = field(default_factory=list)  # per assistant turn
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.finish_reasons)
 
     @classmethod
     def from_trajectory(
@@ -75,6 +94,7 @@ class Scored:
             finish_reasons=[t.finish_reason for t in traj.turns],
             tool_errors=traj.num_tool_errors,
             tool_calls=traj.num_tool_calls,
+            turn_tool_errors=[t.num_errors for t in traj.turns],
         )
 
 
@@ -89,6 +109,8 @@ def _turn_messages(turn: Turn, content: str) -> list[dict[str, Any]]:
         if r.call_id is not None:
             tool["tool_call_id"] = r.call_id
         out.append(tool)
+    if turn.observation is not None:  # an environment's answer: the next user message
+        out.append({"role": "user", "content": turn.observation})
     return out
 
 
@@ -102,10 +124,20 @@ def _openai_call(call: ToolCall, index: int) -> dict[str, Any]:
     }
 
 
-def normalize_value(name: str, value: object) -> float | dict[str, float]:
-    """`value` as a float or a dict of floats; ValueError for anything else.
+def normalize_value(
+    name: str, value: object, num_turns: int | None = None
+) -> float | dict[str, float] | PerTurn:
+    """`value` as a float, a dict of floats or a PerTurn of `num_turns` floats (when given);
+    ValueError for anything else.
 
     Non-finite values are refused: one NaN would poison every advantage of its group."""
+    if isinstance(value, PerTurn):
+        if num_turns is not None and len(value.values) != num_turns:
+            raise ValueError(
+                f"reward {name!r} returned {len(value.values)} per-turn values "
+                f"for {num_turns} turns"
+            )
+        return PerTurn([_finite(f"{name}[{i}]", v) for i, v in enumerate(value.values)])
     if isinstance(value, Mapping):
         if not value:
             raise ValueError(f"reward {name!r} returned an empty mapping")

@@ -4,7 +4,8 @@ A spec names a reward by `_target_` plus its arguments, and three keys of its ow
 
     name       the component's name in logs (default: the last part of `_target_`)
     weight     its factor in the total (default 1.0)
-    timeout_s  its time limit per scoring, used by the runner (default 10 s)
+    timeout_s  its time limit per scoring, used by the runner (default 10 s); a reward with
+               its own `deadline_s` (the remote ones) must set it below this
 
 The rule for `_target_`: a function gets the other keys bound as keyword arguments (as if
 Hydra's `_partial_: true` were written; writing it is allowed); a class is instantiated with
@@ -16,7 +17,9 @@ form is what several `conf/reward/*.yaml` files merge into when Hydra composes t
     stack.combine({"math_answer": 1.0}).total        # -> 1.0
 
 Total = sum over components of weight * value, where a mapping value counts as the sum of
-its entries and is logged per key as `name/key`. A spec that does not import, or does not
+its entries and is logged per key as `name/key`. A `PerTurn` value also counts as its sum
+(logged as `name`), and its weighted values add up per turn in `Score.per_turn`, so the
+trajectory can credit each turn its share; `Score.outcome` is the rest, the final reward. A spec that does not import, or does not
 accept its arguments, raises ValueError naming the spec here, at construction.
 
     python -m pytest tests/unit/test_rewards.py
@@ -34,10 +37,10 @@ from typing import Any
 import hydra.utils
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from toolrl.rewards.base import RewardValue, normalize_value
+from toolrl.rewards.base import PerTurn, RewardValue, normalize_value
 
 DEFAULT_TIMEOUT_S = 10.0
-_OWN_KEYS = ("name", "weight", "timeout_s")
+OWN_KEYS = ("name", "weight", "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,18 @@ class Component:
 
 @dataclass(frozen=True)
 class Score:
-    """The weighted total and every component value, for the loss and for logging."""
+    """The weighted reward, split into the final (outcome) part and per-turn credit, and every
+    component value, for the loss and for logging."""
 
-    total: float
+    outcome: float  # credited at the end of the trajectory
     components: dict[str, float]
     # Components that raised or ran out of time on the model's output; each counted as 0.
     failed: tuple[str, ...] = ()
+    per_turn: tuple[float, ...] = ()  # credited to each assistant turn; () when none is
+
+    @property
+    def total(self) -> float:
+        return self.outcome + sum(self.per_turn)
 
     @property
     def model_failures(self) -> int:
@@ -66,8 +75,11 @@ class Score:
 
 
 def flatten(name: str, value: RewardValue) -> dict[str, float]:
-    """`{name: v}` for a number, `{name/key: v}` for a mapping; ValueError for anything else."""
+    """`{name: v}` for a number (a PerTurn's sum), `{name/key: v}` for a mapping; ValueError for
+    anything else."""
     value = normalize_value(name, value)
+    if isinstance(value, PerTurn):
+        return {name: sum(value.values)}
     if isinstance(value, dict):
         return {f"{name}/{k}": v for k, v in value.items()}
     return {name: value}
@@ -84,19 +96,26 @@ class RewardStack:
         if len(set(names)) != len(names):
             raise ValueError(f"reward names must be unique, got {names}")
 
-    def combine(self, values: Mapping[str, RewardValue | None]) -> Score:
-        """Weighted total of each component's value; None marks a failed component (0)."""
-        total, logged, failed = 0.0, {}, []
+    def combine(self, values: Mapping[str, RewardValue | None], num_turns: int = 0) -> Score:
+        """Weighted total of each component's value; None marks a failed component (0).
+        PerTurn values must hold `num_turns` entries."""
+        outcome, logged, failed = 0.0, {}, []
+        per_turn = [0.0] * num_turns
         for c in self.components:
             value = values[c.name]
             if value is None:
                 failed.append(c.name)
                 logged[c.name] = 0.0
                 continue
+            value = normalize_value(c.name, value, num_turns)
             flat = flatten(c.name, value)
             logged.update(flat)
-            total += c.weight * sum(flat.values())
-        return Score(total, logged, tuple(failed))
+            if isinstance(value, PerTurn):
+                per_turn = [p + c.weight * v for p, v in zip(per_turn, value.values, strict=True)]
+            else:
+                outcome += c.weight * sum(flat.values())
+        credited = tuple(per_turn) if any(per_turn) else ()
+        return Score(outcome, logged, tuple(failed), credited)
 
 
 def _named(specs: Any) -> list[tuple[str | None, Mapping[str, Any]]]:
@@ -115,7 +134,7 @@ def build_component(spec: Mapping[str, Any], name: str | None = None) -> Compone
         spec = OmegaConf.to_container(spec, resolve=True)
     if not isinstance(spec, Mapping) or not isinstance(spec.get("_target_"), str):
         raise ValueError(f"reward spec {spec!r} needs a `_target_` dotted path")
-    args = {k: v for k, v in spec.items() if k not in _OWN_KEYS}
+    args = {k: v for k, v in spec.items() if k not in OWN_KEYS}
     name = str(spec.get("name") or name or spec["_target_"].rsplit(".", 1)[-1])
     weight, timeout_s = spec.get("weight", 1.0), spec.get("timeout_s", DEFAULT_TIMEOUT_S)
     if not isinstance(weight, Real) or not math.isfinite(weight):
@@ -123,6 +142,14 @@ def build_component(spec: Mapping[str, Any], name: str | None = None) -> Compone
     if not isinstance(timeout_s, Real) or not timeout_s > 0:
         raise ValueError(f"reward spec {dict(spec)!r}: timeout_s must be a positive number")
     fn = _instantiate(args, spec)
+    # A reward with its own deadline (the remote ones) must give up before the runner's
+    # limit does, or a slow server would be charged to the model as a timeout.
+    deadline = getattr(fn, "deadline_s", None)
+    if isinstance(deadline, Real) and deadline >= timeout_s:
+        raise ValueError(
+            f"reward spec {dict(spec)!r}: deadline_s ({deadline}) must be below timeout_s "
+            f"({timeout_s}), so the reward's own deadline fires first"
+        )
     return Component(name, fn, float(weight), float(timeout_s), _is_async(fn))
 
 

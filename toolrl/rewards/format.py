@@ -2,7 +2,9 @@
 
 `FormatMatch` scores 1.0 when the final text matches a regex from config (the whole text by
 default), 0.0 otherwise or when there is no final answer. `tool_error_penalty` subtracts
-`per_error` for each tool error (bad call syntax, unknown tool, tool raised), down to `-cap`.
+`per_error` for each tool error (bad call syntax, unknown tool, tool raised), down to `-cap`;
+with `per_turn: true` each turn is charged for its own errors (`PerTurn`), until the cap is
+spent, so an algorithm with per-token credit can blame the turn that erred.
 
     reward:
       format: {_target_: toolrl.rewards.format.FormatMatch, pattern: '(?s).*<answer>.+</answer>'}
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from toolrl.rewards.base import Scored
+from toolrl.rewards.base import PerTurn, Scored
 
 
 class FormatMatch:
@@ -37,8 +39,18 @@ class FormatMatch:
         return 1.0 if match else 0.0
 
 
-def tool_error_penalty(x: Scored, per_error: float = 0.1, cap: float = 0.5) -> float:
-    """-min(cap, per_error * tool_errors): errors cost, but a bounded amount."""
+def tool_error_penalty(
+    x: Scored, per_error: float = 0.1, cap: float = 0.5, per_turn: bool = False
+) -> float | PerTurn:
+    """-min(cap, per_error * tool_errors): errors cost, but a bounded amount. With `per_turn`,
+    the same total split over the turns that erred, earliest first."""
     if per_error < 0 or cap < 0:
         raise ValueError(f"per_error and cap must be >= 0, got {per_error}, {cap}")
-    return -min(cap, per_error * x.tool_errors)
+    if not per_turn:
+        return -min(cap, per_error * x.tool_errors)
+    left, credit = cap, []
+    for errors in x.turn_tool_errors:
+        cost = min(left, per_error * errors)
+        credit.append(-cost)
+        left -= cost
+    return PerTurn(credit)

@@ -86,9 +86,8 @@ class RewardRunner:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return self.stack.combine(
-            {c.name: r for c, r in zip(self.stack.components, results, strict=True)}
-        )
+        values = {c.name: r for c, r in zip(self.stack.components, results, strict=True)}
+        return self.stack.combine(values, x.num_turns)
 
     def close(self) -> None:
         """Kill every worker. The runner may be used again: a new pool starts on demand."""
@@ -118,7 +117,8 @@ class RewardRunner:
 
     async def _run_async(self, c: Component, x: Scored) -> Any:
         try:
-            return normalize_value(c.name, await asyncio.wait_for(c.fn(x), c.timeout_s))
+            value = await asyncio.wait_for(c.fn(x), c.timeout_s)
+            return normalize_value(c.name, value, x.num_turns)
         except RewardInfraError:
             raise
         except Exception as e:  # TimeoutError included: the model's output took too long

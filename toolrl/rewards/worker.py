@@ -37,7 +37,7 @@ def ready() -> int:
 def call_reward(fn: Callable[[Scored], Any], x: Scored, name: str) -> Outcome:
     """Score `x` with `fn`; report what happened as a value (see the module docstring)."""
     try:
-        return "ok", normalize_value(name, fn(x))
+        return "ok", normalize_value(name, fn(x), x.num_turns)
     except RewardInfraError as e:
         return "infra", f"{type(e).__name__}: {e}"
     except (Exception, SystemExit) as e:  # SystemExit too: sys.exit() must not kill the pool

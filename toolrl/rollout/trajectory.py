@@ -57,6 +57,16 @@ class Turn:
     parse_errors: list[str] = field(default_factory=list)
     reasoning_calls: int = 0  # calls written inside the turn's reasoning: seen, never run
     content: str = ""  # the turn's text outside calls and reasoning, as the parser read it
+    # What an environment answered this turn, as the next user message (None: no environment).
+    observation: str | None = None
+    # Reward credited to this turn (shaping, an environment's step reward), on top of the
+    # trajectory's final reward; an algorithm with per-token credit puts it on `end - 1`.
+    reward: float = 0.0
+
+    @property
+    def num_errors(self) -> int:
+        # results[: len(calls)] answer the calls; any after them answer the parse errors
+        return len(self.parse_errors) + sum(not r.ok for r in self.results[: len(self.calls)])
 
 
 @dataclass
@@ -69,7 +79,7 @@ class Trajectory:
     logprobs: list[float]  # rollout logprob for sampled ids; 0.0 elsewhere
     prompt_len: int
     turns: list[Turn] = field(default_factory=list)
-    reward: float = 0.0
+    reward: float = 0.0  # the final (outcome) reward; per-turn credit is in turns[i].reward
     # True when the infrastructure (not the model) failed; such a sample is kept out of the loss.
     infra_error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -109,11 +119,12 @@ class Trajectory:
 
     @property
     def num_tool_errors(self) -> int:
-        # results[: len(calls)] answer the calls; any after them answer the parse errors
-        return sum(
-            len(t.parse_errors) + sum(not r.ok for r in t.results[: len(t.calls)])
-            for t in self.turns
-        )
+        return sum(t.num_errors for t in self.turns)
+
+    @property
+    def total_reward(self) -> float:
+        """The final reward plus every turn's credit: what an outcome-only algorithm uses."""
+        return self.reward + sum(t.reward for t in self.turns)
 
     def check(self) -> None:
         """Raise if the invariant is broken: parallel lengths, 0/1 mask, logprobs only where sampled."""

@@ -1,24 +1,27 @@
 """The rollout group: Ray actors that each own a vLLM engine and run the agent loop over it.
 
 `RolloutWorker` is a plain class (tests drive it without Ray); the Ray actor is that same
-class wrapped by `ray.remote`. Its sampler, tools, parser and rewards come
-from `_target_` entries in `conf/`, so a new tool or parser needs no code edit here.
+class wrapped by `ray.remote`. Its sampler, rollout protocol, tools, parser and rewards come
+from `_target_` entries in `conf/`, so a new tool, parser or protocol needs no code edit here.
 `RolloutGroup` is the driver's handle: it spreads episodes over the workers and pushes
 new weights into every engine after an update.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import ray
 
-from toolrl.config import Target, build_parser, instantiate
+from toolrl.config import Target, build_parser, instantiate, offered, resolve_target
 from toolrl.rewards.combine import RewardStack
 from toolrl.rewards.runner import RewardRunner
 from toolrl.rollout.agent_loop import AgentLoop, Episode, LoopConfig
 from toolrl.rollout.chat import ChatBuilder
 from toolrl.rollout.engine import EngineConfig, VLLMEngine
+from toolrl.rollout.protocols.base import RolloutProtocol
+from toolrl.rollout.text import PlainText
 from toolrl.rollout.trajectory import Trajectory
 
 
@@ -35,6 +38,13 @@ class RolloutSpec:
     tools: dict[str, Target]
     reward: dict[str, Target]  # name -> reward spec (toolrl.rewards.combine.RewardStack)
     reward_workers: int = 1  # processes scoring sync rewards off the rollout event loop
+    protocol: Target = field(
+        default_factory=lambda: {"_target_": "toolrl.rollout.protocols.chat.ChatToolTurns"}
+    )
+    # model.chat_template's Jinja text (main reads the file; None: the tokenizer's own) and
+    # model.chat_template_kwargs: every chat-template render in the worker uses both.
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class RolloutWorker:
@@ -43,14 +53,17 @@ class RolloutWorker:
 
         self.engine = VLLMEngine(replace(spec.engine, model_path=spec.model_path))
         tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+        if spec.chat_template is not None:  # so whatever renders with it uses the run's template
+            tokenizer.chat_template = spec.chat_template
         tools = [instantiate(t) for t in spec.tools.values()]
         schemas = [t.schema() for t in tools]
-        chat = ChatBuilder(tokenizer, schemas)
-        parser, reasoning = build_parser(spec.parser, schemas)
+        kwargs = spec.chat_template_kwargs
+        protocol = build_protocol(spec.protocol, spec.parser, tokenizer, schemas, kwargs)
         self.rewards = RewardRunner(RewardStack(spec.reward), max_workers=spec.reward_workers)
         tools_by_name = {t.name: t for t in tools}
+        truncate = PlainText(tokenizer).truncate
         self.loop = AgentLoop(
-            self.engine, chat, parser, tools_by_name, self.rewards, spec.loop, reasoning
+            self.engine, protocol, tools_by_name, self.rewards, spec.loop, truncate
         )
         self.sampler = instantiate(spec.sampler)
         self.eval_sampler = instantiate(spec.eval_sampler)
@@ -70,6 +83,31 @@ class RolloutWorker:
     def shutdown(self) -> None:
         self.rewards.close()
         self.engine.shutdown()
+
+
+def build_protocol(
+    spec: Target,
+    parser_spec: Target,
+    tokenizer: Any,
+    schemas: list[dict[str, Any]],
+    template_kwargs: dict[str, Any] | None = None,
+) -> RolloutProtocol:
+    """The rollout protocol, given the parts of the run its constructor names: `tokenizer`,
+    `tool_schemas`, `chat` (the append-only token builder), `parser` and `reasoning`. Only
+    the named ones are built: a base model's tokenizer has no chat template to build on."""
+    parts = {
+        "tokenizer": lambda: tokenizer,
+        "tool_schemas": lambda: schemas,
+        "chat": lambda: ChatBuilder(tokenizer, schemas, template_kwargs=template_kwargs),
+        "template_kwargs": lambda: dict(template_kwargs or {}),  # model.chat_template_kwargs
+        "parser": lambda: build_parser(parser_spec, schemas)[0],
+        "reasoning": lambda: build_parser(parser_spec, schemas)[1],
+    }
+    target = resolve_target("protocol", spec)
+    # Called directly, not through Hydra: Hydra would turn the parts (a dataclass reasoning
+    # step) into configs, and build a nested `environment` spec once instead of per trajectory.
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    return target(**kwargs, **{name: make() for name, make in offered(target, **parts).items()})
 
 
 class RolloutGroup:

@@ -1,0 +1,1 @@
+"""Example environments for the environment rollout protocol (toolrl/rollout/protocols/environment.py)."""
