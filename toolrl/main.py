@@ -51,10 +51,9 @@ def run(cfg: Config) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from toolrl.metrics import MetricsLogger
-    from toolrl.rollout.agent_loop import LoopConfig
     from toolrl.rollout.chat import read_chat_template
     from toolrl.trainer import Trainer
-    from toolrl.workers.rollout import RolloutGroup, RolloutSpec
+    from toolrl.workers.rollout import RolloutGroup
     from toolrl.workers.train_group import TrainGroup
 
     model_path = resolve_model(cfg.model.path, cfg.model.embedded_tool)
@@ -74,21 +73,7 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     try:
         chat_template = read_chat_template(cfg.model.chat_template)
-        spec = RolloutSpec(
-            model_path=model_path,
-            engine=r.engine,
-            # by name: every LoopConfig field is a rollout.* key of the same name
-            loop=LoopConfig(**{f.name: getattr(r, f.name) for f in dataclasses.fields(LoopConfig)}),
-            sampler=r.sampler,
-            eval_sampler=r.eval_sampler,
-            parser=cfg.parser,
-            tools=cfg.tools,
-            reward=cfg.reward,
-            reward_workers=r.reward_workers,
-            protocol=cfg.protocol,
-            chat_template=chat_template,
-            chat_template_kwargs=cfg.model.chat_template_kwargs,
-        )
+        spec = rollout_spec(cfg, model_path, chat_template)
         rollout = RolloutGroup(spec, r.num_workers, r.num_cpus_per_worker, r.num_gpus_per_worker)
         train = TrainGroup(t.train_group, model_path, t.optim, cfg.algorithm.loss)
         logger = MetricsLogger(
@@ -125,6 +110,29 @@ def run(cfg: Config) -> dict[str, Any]:
             train.shutdown()
     finally:
         ray.shutdown()
+
+
+def rollout_spec(cfg: Config, model_path: str, chat_template: str | None) -> Any:
+    """What every rollout worker builds itself from (toolrl.workers.rollout.RolloutSpec)."""
+    from toolrl.rollout.agent_loop import LoopConfig
+    from toolrl.workers.rollout import RolloutSpec
+
+    r = cfg.rollout
+    return RolloutSpec(
+        model_path=model_path,
+        engine=r.engine,
+        # by name: every LoopConfig field is a rollout.* key of the same name
+        loop=LoopConfig(**{f.name: getattr(r, f.name) for f in dataclasses.fields(LoopConfig)}),
+        sampler=r.sampler,
+        eval_sampler=r.eval_sampler,
+        parser=cfg.parser,
+        tools=cfg.tools,
+        reward=cfg.reward,
+        reward_workers=r.reward_workers,
+        protocol=cfg.protocol,
+        chat_template=chat_template,
+        chat_template_kwargs=cfg.model.chat_template_kwargs,
+    )
 
 
 def token_counter(
