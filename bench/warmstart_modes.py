@@ -7,6 +7,7 @@ copy accuracies and the mean reward: the step-0 point that RL starts from.
 
     python bench/warmstart_modes.py                    # default model, 200 eval prompts
     python bench/warmstart_modes.py --tool python      # the variant that calls `python`
+    python bench/warmstart_modes.py --tool calculator_inline   # plain text, inline <calc> tags
     python bench/warmstart_modes.py --cache /tmp/c --n 100 --seeds 0 1 2
 """
 
@@ -21,8 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from toolrl.models import warmstart_inline
 from toolrl.models.tiny import build_embedded_model, embedded_config
-from toolrl.models.warmstart import measure_modes
+from toolrl.models.warmstart import TOOL_STYLES, measure_modes
 
 
 def main() -> None:
@@ -33,7 +35,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="eval prompts to sample")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
     ap.add_argument(
-        "--tool", default="calculator", choices=["calculator", "python"], help="warm-start style"
+        "--tool", default="calculator", choices=list(TOOL_STYLES), help="warm-start style"
     )
     args = ap.parse_args()
     load = os.getloadavg()[0]
@@ -53,7 +55,10 @@ def main() -> None:
     )
     for seed in args.seeds:
         t1 = time.perf_counter()
-        stats = measure_modes(model, tok, n=args.n, seed=seed, tool=args.tool)
+        if TOOL_STYLES[args.tool].inline:  # sampled as the inline protocol runs it
+            stats = warmstart_inline.measure_modes(model, tok, n=args.n, seed=seed)
+        else:
+            stats = measure_modes(model, tok, n=args.n, seed=seed, tool=args.tool)
         print(
             f"seed {seed} ({time.perf_counter() - t1:.1f}s): "
             + json.dumps({k: round(v, 3) for k, v in stats.items()})

@@ -28,7 +28,8 @@ class ConfigError(ValueError):
     """A config that cannot run; the message says which key and what to change."""
 
 
-EMBEDDED_TOOLS = ("calculator", "python")  # the styles of toolrl.models.warmstart.TOOL_STYLES
+# The styles of toolrl.models.warmstart.TOOL_STYLES, each with the tool its traces call.
+EMBEDDED_TOOLS = {"calculator": "calculator", "python": "python", "calculator_inline": "calculator"}
 
 
 # The small typed configs of the components live here, so that importing the config (and
@@ -383,8 +384,9 @@ def _check_embedded_tool(cfg: Config) -> None:
     )
     # The embedded model calls only the tool it was warm-started on: with the other one
     # configured instead, no call would succeed and RL would have nothing to reinforce.
-    other = [k for k in cfg.tools if k in EMBEDDED_TOOLS and k != tool]
-    if cfg.model.path == "embedded" and other and tool not in cfg.tools:
+    calls = EMBEDDED_TOOLS[tool]
+    other = [k for k in cfg.tools if k in EMBEDDED_TOOLS.values() and k != calls]
+    if cfg.model.path == "embedded" and other and calls not in cfg.tools:
         raise ConfigError(
             f"model.embedded_tool: is {tool!r} but tools configures {other[0]!r} instead; the "
             f"embedded model calls the tool it was warm-started on: set "

@@ -18,6 +18,7 @@ COMPONENTS = {
     "search_r1": ["qa_em"],
     "code_inline": ["math"],
     "guess_number": ["solved"],
+    "inline_calculator": ["product"],
 }
 
 
@@ -31,6 +32,7 @@ RECIPES = [
     pytest.param("function_calling", marks=pytest.mark.slow),
     pytest.param("code_inline", marks=pytest.mark.slow),
     pytest.param("guess_number", marks=pytest.mark.slow),
+    pytest.param("inline_calculator", marks=pytest.mark.slow),
 ]
 
 

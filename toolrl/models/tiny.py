@@ -11,10 +11,13 @@ rendered synthetic conversations keep the prompt short (about 80 tokens with the
 `AutoModelForCausalLM` and vLLM load; by default the weights are warm-started
 (`toolrl.models.warmstart`) so that RL on the arithmetic task has something to improve.
 `embedded_config("python")` is the variant warm-started to call the python sandbox tool
-instead of the calculator; each variant has its own cache folder.
+instead of the calculator, `embedded_config("calculator_inline")` the one warm-started on plain
+text with inline `<calc>` tags (`toolrl.models.warmstart_inline`, for the inline protocol);
+each variant has its own cache folder.
 
     python -m toolrl.models.tiny                 # build (or find in the cache) and print the path
     python -m toolrl.models.tiny --tool python   # the variant that calls `python`
+    python -m toolrl.models.tiny --tool calculator_inline   # plain text, inline <calc> tags
     python -m toolrl.models.tiny --vllm          # ... and check that vLLM CPU loads and samples it
 """
 
@@ -253,8 +256,12 @@ def model_config(cfg: EmbeddedModelConfig, tokenizer: Any) -> Any:
 
 
 def embedded_config(tool: str = "calculator") -> EmbeddedModelConfig:
-    """The default embedded model warm-started to call `tool` ("calculator" or "python")."""
-    tool_style(tool)  # raises ValueError naming the choices
+    """The default embedded model warm-started to call `tool` ("calculator", "python", or
+    "calculator_inline": plain text with inline <calc> tags, for the inline protocol)."""
+    if tool_style(tool).inline:  # tool_style raises ValueError naming the choices
+        from toolrl.models.warmstart_inline import WARMSTART
+
+        return EmbeddedModelConfig(warmstart=WarmStartConfig(tool=tool, **WARMSTART))
     return EmbeddedModelConfig(warmstart=WarmStartConfig(tool=tool))
 
 
@@ -355,13 +362,14 @@ def _check_vllm(path: Path, tool: str) -> None:
 
     tok = AutoTokenizer.from_pretrained(path)
     task = ArithmeticTask()
-    text = tok.apply_chat_template(
-        task.prompts("eval")[0].messages,
-        tools=[tool_style(tool).schema],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    ids = tok.encode(text, add_special_tokens=False)
+    messages = task.prompts("eval")[0].messages
+    if tool_style(tool).inline:  # a plain prompt, as the inline protocol's base-model mode
+        ids = tok.encode("\n\n".join(m["content"] for m in messages))
+    else:
+        text = tok.apply_chat_template(
+            messages, tools=[tool_style(tool).schema], add_generation_prompt=True, tokenize=False
+        )
+        ids = tok.encode(text, add_special_tokens=False)
     llm = LLM(model=str(path), dtype="float32", max_model_len=1024, enforce_eager=True)
     params = SamplingParams(temperature=1.0, max_tokens=40, stop_token_ids=[tok.eos_token_id])
     out = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 4, params)

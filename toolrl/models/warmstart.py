@@ -72,6 +72,8 @@ class ToolStyle:
     schema: dict[str, Any]
     arg: str
     wrap: str
+    # Plain-text traces calling with inline tags (toolrl.models.warmstart_inline), not chat.
+    inline: bool = False
 
     def arguments(self, expression: str) -> dict[str, str]:
         return {self.arg: self.wrap.format(expression)}
@@ -89,11 +91,12 @@ class ToolStyle:
 TOOL_STYLES: dict[str, ToolStyle] = {
     "calculator": ToolStyle("calculator", CALCULATOR_SCHEMA, "expression", "{}"),
     "python": ToolStyle("python", PYTHON_SCHEMA, "code", "print({})"),
+    "calculator_inline": ToolStyle("calculator", CALCULATOR_SCHEMA, "expression", "{}", True),
 }
 
 
 def tool_style(name: str) -> ToolStyle:
-    """The style named `name` ("calculator" or "python"); ValueError for any other."""
+    """The style named `name` (a key of TOOL_STYLES); ValueError for any other."""
     if name not in TOOL_STYLES:
         raise ValueError(f"tool must be one of {tuple(TOOL_STYLES)}, got {name!r}")
     return TOOL_STYLES[name]
@@ -124,7 +127,8 @@ class WarmStartConfig:
     max_operand: int = 99
     eval_fraction: float = 0.1
     log_every: int = 50
-    # The tool the traces call: "calculator" or "python" (see ToolStyle). Left out of the
+    # The tool the traces call: "calculator", "python" or "calculator_inline" (plain text with
+    # <calc> tags, see ToolStyle and warmstart_inline). Left out of the
     # cache key when "calculator", so the default build kept its folder name.
     tool: str = "calculator"
 
@@ -190,6 +194,10 @@ def make_trace(
 
 def corpus_texts(tokenizer: Any, cfg: WarmStartConfig, n: int) -> list[str]:
     """Rendered synthetic conversations: the corpus the tokenizer's text merges are learned on."""
+    if tool_style(cfg.tool).inline:
+        from toolrl.models import warmstart_inline
+
+        return warmstart_inline.corpus_texts(cfg, n)
     task, rng = _task(cfg), random.Random(f"corpus:{cfg.seed}")
     tools = [tool_style(cfg.tool).schema]
     return [
@@ -230,9 +238,15 @@ def _batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A right-padded batch: ids [B, T] and mask [B, T] (1 where the id is a training target)."""
     tools = [tool_style(cfg.tool).schema]
-    rows = [
-        encode_trace(tokenizer, make_trace(task, cfg, rng), tools) for _ in range(cfg.batch_size)
-    ]
+    if tool_style(cfg.tool).inline:
+        from toolrl.models.warmstart_inline import trace
+
+        rows = [trace(task, cfg, rng, tokenizer) for _ in range(cfg.batch_size)]
+    else:
+        rows = [
+            encode_trace(tokenizer, make_trace(task, cfg, rng), tools)
+            for _ in range(cfg.batch_size)
+        ]
     T = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
