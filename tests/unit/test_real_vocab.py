@@ -143,22 +143,27 @@ def _pipeline(tok: Any, kind: str) -> None:
 _LOADED: dict[str, Any] = {}
 
 
+def case_tokenizer(name: str) -> Any:
+    """The tokenizer of case `name` with its family's template (each vocabulary loaded once)."""
+    case = CASES[name]
+    if case.pipeline:  # its own backend: the pipeline is changed in place
+        tok = realtok.load(case.vocab, case.family.template())
+        _pipeline(tok, case.pipeline)
+        return tok
+    if case.vocab not in _LOADED:
+        _LOADED[case.vocab] = realtok.load(case.vocab, "")
+    tok = copy.copy(_LOADED[case.vocab])
+    tok.chat_template = case.family.template()
+    return tok
+
+
 @pytest.fixture(scope="module")
 def builders() -> Callable[[str], ChatBuilder]:
     made: dict[str, ChatBuilder] = {}
 
     def get(name: str) -> ChatBuilder:
         if name not in made:
-            case = CASES[name]
-            if case.pipeline:  # its own backend: the pipeline is changed in place
-                tok = realtok.load(case.vocab, case.family.template())
-                _pipeline(tok, case.pipeline)
-            else:
-                if case.vocab not in _LOADED:
-                    _LOADED[case.vocab] = realtok.load(case.vocab, "")
-                tok = copy.copy(_LOADED[case.vocab])
-                tok.chat_template = case.family.template()
-            made[name] = ChatBuilder(tok, TOOLS)
+            made[name] = ChatBuilder(case_tokenizer(name), TOOLS)
         return made[name]
 
     return get

@@ -22,7 +22,6 @@ those sampled think blocks.
 
 from __future__ import annotations
 
-import copy
 import random
 import unicodedata
 from collections import Counter
@@ -32,7 +31,6 @@ from typing import Any
 import pytest
 from tokenizers import normalizers
 
-from tests import realtok
 from tests.unit.test_real_templates import (
     ANSWER,
     CALL_IDS,
@@ -228,27 +226,16 @@ def test_llama3_1_strips_observations_as_its_template_trims_them(family_builders
 # --- real vocabularies -------------------------------------------------------------------
 
 
-_LOADED: dict[str, Any] = {}
-
-
 @pytest.fixture(scope="module")
 def vocab_builders() -> Callable[[str], ChatBuilder]:
-    from tests.unit.test_real_vocab import _pipeline
+    from tests.unit.test_real_vocab import case_tokenizer
 
     made: dict[str, ChatBuilder] = {}
 
     def get(name: str) -> ChatBuilder:
         if name not in made:
-            case = CASES[name]
-            if case.pipeline:  # its own backend: the pipeline is changed in place
-                tok = realtok.load(case.vocab, case.family.template())
-                _pipeline(tok, case.pipeline)
-            else:
-                if case.vocab not in _LOADED:
-                    _LOADED[case.vocab] = realtok.load(case.vocab, "")
-                tok = copy.copy(_LOADED[case.vocab])
-                tok.chat_template = case.family.template()
-            made[name] = ChatBuilder(tok, [] if name in VOCAB_TOOLS_MOVE else TOOLS)
+            tools = [] if name in VOCAB_TOOLS_MOVE else TOOLS
+            made[name] = ChatBuilder(case_tokenizer(name), tools)
         return made[name]
 
     return get
