@@ -34,6 +34,13 @@ def score_all(cfg, scored: list[Scored]) -> list:
     return asyncio.run(go())
 
 
+def scores_good_then_bad(cfg, good: list[Scored], bad: list[Scored]) -> list:
+    """Score both lists with the recipe's stack; assert every good one totals 1, every bad 0."""
+    scores = score_all(cfg, good + bad)
+    assert [s.total for s in scores] == [1.0] * len(good) + [0.0] * len(bad)
+    return scores
+
+
 def answered(prompt, text: str, calls: list[dict] | None = None) -> Scored:
     messages = list(prompt.messages)
     if calls:
@@ -55,8 +62,7 @@ def test_math_python_rewards_the_right_answer_only():
     prompts = instantiate(cfg.task).prompts("train")
     good = [answered(p, f"So the answer is $\\boxed{{{p.answer}}}$.") for p in prompts]
     bad = [answered(p, f"So the answer is $\\boxed{{{int(p.answer) + 1}}}$.") for p in prompts]
-    scores = score_all(cfg, good + bad)
-    assert [s.total for s in scores] == [1.0] * len(prompts) + [0.0] * len(prompts)
+    scores = scores_good_then_bad(cfg, good, bad)
     assert all(s.components["tool_shaping"] == 0.0 for s in scores)
 
 
@@ -99,8 +105,7 @@ def test_search_r1_rewards_a_golden_answer_in_answer_tags_only():
     first = lambda p: p.row["golden_answers"][0]  # noqa: E731
     good = [answered(p, f"<search> x </search> so <answer> {first(p)} </answer>") for p in prompts]
     bad = [answered(p, f"It is {first(p)}.") for p in prompts]  # no answer tags: not an answer
-    scores = score_all(cfg, good + bad)
-    assert [s.total for s in scores] == [1.0] * len(prompts) + [0.0] * len(prompts)
+    scores_good_then_bad(cfg, good, bad)
     assert all("Question: " in p.messages[-1]["content"] for p in prompts)
 
 
@@ -109,11 +114,9 @@ def test_code_inline_and_guess_number_reward_the_right_answer_only():
     prompts = instantiate(cfg.task).prompts("train")
     good = [answered(p, f"<code>print(1)</code> so \\boxed{{{p.answer}}}") for p in prompts]
     bad = [answered(p, f"\\boxed{{{int(p.answer) + 1}}}") for p in prompts]
-    scores = score_all(cfg, good + bad)
-    assert [s.total for s in scores] == [1.0] * len(prompts) + [0.0] * len(prompts)
+    scores_good_then_bad(cfg, good, bad)
     cfg = recipe("guess_number")
     prompts = instantiate(cfg.task).prompts("train")
     good = [answered(p, str(p.row["secret"])) for p in prompts]
     bad = [answered(p, str(p.row["secret"] % 10 + 1)) for p in prompts]
-    scores = score_all(cfg, good + bad)
-    assert [s.total for s in scores] == [1.0] * len(prompts) + [0.0] * len(prompts)
+    scores_good_then_bad(cfg, good, bad)

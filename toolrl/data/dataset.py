@@ -330,7 +330,8 @@ class DatasetTask:
             messages = [{"role": "system", "content": c.system_prompt}, *messages]
         answer = "" if c.answer_column is None else _answer(row[c.answer_column])
         tools = None if c.tools_column is None else _tools(row[c.tools_column], src, c.tools_column)
-        unknown = sorted(set(tools or ()) - set(self.tool_names or tools or ()))
+        configured = set(tools or ()) if self.tool_names is None else set(self.tool_names)
+        unknown = sorted(set(tools or ()) - configured)  # not checked without tool_names
         if unknown:
             raise ValueError(
                 f"{src.where(c.tools_column)}: names tool(s) {unknown} that the run does not "

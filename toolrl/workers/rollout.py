@@ -9,6 +9,7 @@ new weights into every engine after an update.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,13 +96,15 @@ def build_protocol(
     """The rollout protocol, given the parts of the run its constructor names: `tokenizer`,
     `tool_schemas`, `chat` (the append-only token builder), `parser` and `reasoning`. Only
     the named ones are built: a base model's tokenizer has no chat template to build on."""
+    # built once, on first use: a protocol naming both parts gets the pair of one build
+    parser_and_reasoning = functools.cache(lambda: build_parser(parser_spec, schemas))
     parts = {
         "tokenizer": lambda: tokenizer,
         "tool_schemas": lambda: schemas,
         "chat": lambda: ChatBuilder(tokenizer, schemas, template_kwargs=template_kwargs),
         "template_kwargs": lambda: dict(template_kwargs or {}),  # model.chat_template_kwargs
-        "parser": lambda: build_parser(parser_spec, schemas)[0],
-        "reasoning": lambda: build_parser(parser_spec, schemas)[1],
+        "parser": lambda: parser_and_reasoning()[0],
+        "reasoning": lambda: parser_and_reasoning()[1],
     }
     target = resolve_target("protocol", spec)
     # Called directly, not through Hydra: Hydra would turn the parts (a dataclass reasoning
