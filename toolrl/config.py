@@ -47,9 +47,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5  # GPU only
     enforce_eager: bool = True
     seed: int = 0
-    # "raw_logprobs": log p(token | context) of the model itself, before temperature and
-    # top-p, i.e. what a training forward pass computes. "processed_logprobs": after them.
-    logprobs_mode: str = "raw_logprobs"
+    # "processed_logprobs": log p(token | context) under the distribution sampled from, i.e.
+    # log_softmax(logits / temperature) with top_p 1, what the trainer scores. Measured on
+    # vLLM 0.32 CPU: bitwise equal to "raw_logprobs" (the model's own) at temperature 1.
+    logprobs_mode: str = "processed_logprobs"
     # CPU only. vLLM's default "auto" pins the worker's OpenMP threads to fixed cores
     # (all but one, kept for its scheduler process): on 2 cores that is core 0, and every
     # engine on the node computes the same list, so two engines would share one core.
@@ -61,10 +62,28 @@ class EngineConfig:
 
 
 @dataclass
+class MismatchConfig:
+    """Correction for the rollout engine sampling from a slightly different policy than the
+    trainer computes (toolrl.algo.losses.mismatch_weights says what each mode does)."""
+
+    mode: str = "none"  # none | tis | icepop | seq-mask-tis
+    low: float = 0.5  # icepop, seq-mask-tis: tokens / sequences with rho below this are masked
+    high: float = 2.0  # tis caps rho here; icepop, seq-mask-tis mask above it
+
+
+@dataclass
 class LossConfig:
+    """The policy loss (toolrl.algo.losses.policy_loss)."""
+
     clip_low: float = 0.2
     clip_high: float = 0.28  # asymmetric clip (DAPO); = clip_low for vanilla PPO clip
-    kl_coef: float = 0.001  # KL to the reference (k3 estimator); 0 disables
+    kl_coef: float = 0.001  # KL to the reference as a loss term; 0 disables
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    entropy_coef: float = 0.0  # > 0 adds an entropy bonus
+    # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    aggregation: str = "token-mean"
+    norm_tokens: int | None = None  # seq-mean-token-sum-norm's constant (Dr. GRPO)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
 
 
 @dataclass
@@ -83,6 +102,9 @@ class TrainGroupConfig:
     num_gpus_per_worker: float = 0.0  # 1 on GPU machines; the ranks then use NCCL
     torch_threads: int = 1
     micro_batch_size: int = 32
+    # Group rows into micro-batches of at most this many (padded) tokens instead of
+    # micro_batch_size rows: long multi-turn rows go few at a time, short ones many.
+    micro_batch_tokens: int | None = None
 
 
 @dataclass
@@ -121,16 +143,41 @@ class RolloutConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model PPO learns (used only when the estimator needs a critic)."""
+
+    path: str | None = None  # None: the policy's initial weights with a new value head
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    value_clip: float = 0.2  # a value moves at most this much per update
+    # True: the critic lives in the policy's processes (a separate class, same ranks);
+    # False: its own FSDP2 group of Ray actors, sized by `group`.
+    colocate: bool = True
+    group: TrainGroupConfig = field(default_factory=TrainGroupConfig)
+
+
+@dataclass
 class AlgorithmConfig:
+    """What `toolrl.algo.algorithm.Algorithm` is built from; conf/algorithm/*.yaml set it."""
+
+    # The advantage estimator (toolrl/algo/advantages.py): GroupNorm, RLOO, ReinforcePP, GAE.
     advantages: Target = field(
-        default_factory=lambda: {
-            "_target_": "toolrl.algo.advantages.grpo_advantages",
-            "_partial_": True,
-        }
+        default_factory=lambda: {"_target_": "toolrl.algo.advantages.GroupNorm"}
     )
     loss: LossConfig = field(default_factory=LossConfig)
     mini_batches: int = 2  # optimizer steps per rollout batch
-    recompute_old_logprobs: bool = True  # else trust the engine's logprobs as pi_old
+    # recompute: the trainer scores the batch before updating (pi_old, exact);
+    # rollout: the engine's logprobs are pi_old, saving that pass.
+    old_logprobs: str = "recompute"
+    kl_in_reward: float = 0.0  # > 0: -coef * (log pi_old - log ref) joins each token's reward
+    # DAPO's dynamic sampling: drop groups whose samples all scored the same (no signal)
+    # and roll out more prompts, up to max_sampling_rounds rollouts, to fill the batch.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    # DAPO's soft overlong penalty: responses within `overlong_buffer` tokens of the budget
+    # lose up to `overlong_penalty` reward, linearly. 0 disables.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
 
 @dataclass
@@ -269,23 +316,26 @@ def build_parser(spec: Target, tool_schemas: list[dict[str, Any]]) -> tuple[Any,
     parser_spec, reasoning_spec = parser_parts(spec)
     extra = offered(resolve_target("parser", parser_spec), tool_schemas=tool_schemas)
     resolve_target("parser.reasoning", reasoning_spec)
-    return _build("parser", parser_spec, **extra), _build("parser.reasoning", reasoning_spec)
+    return build_target("parser", parser_spec, **extra), build_target(
+        "parser.reasoning", reasoning_spec
+    )
 
 
 def build_task(spec: Target, **run_values: Any) -> Any:
     """The task, given the run's values it names (see `offered`): the dataset task takes
     `count_tokens` (to drop prompts over budget) and `tool_names` (to check each row's tools)."""
-    return _build("task", spec, **offered(resolve_target("task", spec), **run_values))
+    return build_target("task", spec, **offered(resolve_target("task", spec), **run_values))
 
 
-def _build(key: str, spec: Target, **extra: Any) -> Any:
+def build_target(key: str, spec: Target, **extra: Any) -> Any:
     try:
         return instantiate(spec, **extra)
     except Exception as e:  # Hydra wraps the constructor's own ValueError
         raise ConfigError(f"{key}: {e}") from e
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
+def check(ok: bool, key: str, msg: str) -> None:
+    """Raise a ConfigError naming `key` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}: {msg}")
 
@@ -293,65 +343,63 @@ def _check(ok: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Checks that types cannot express. Raises ConfigError naming the key to change."""
     r, t, a = cfg.rollout, cfg.trainer, cfg.algorithm
-    _check(r.n >= 2, "rollout.n", f"is {r.n}; GRPO compares samples of a prompt, use >= 2")
-    _check(r.num_workers >= 1, "rollout.num_workers", "must be >= 1")
-    _check(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
-    _check(r.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
-    _check(r.max_tool_output_tokens >= 1, "rollout.max_tool_output_tokens", "must be >= 1")
-    _check(
+    check(r.n >= 1, "rollout.n", f"is {r.n}; use >= 1")
+    check(r.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+    check(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
+    check(r.tool_timeout_s > 0, "rollout.tool_timeout_s", "must be > 0")
+    check(r.max_tool_output_tokens >= 1, "rollout.max_tool_output_tokens", "must be >= 1")
+    check(
         r.max_tool_calls is None or r.max_tool_calls >= 0,
         "rollout.max_tool_calls",
         "must be >= 0, or null for no limit",
     )
-    _check(
+    check(
         r.max_total_tokens <= r.engine.max_model_len,
         "rollout.max_total_tokens",
         f"is {r.max_total_tokens} but rollout.engine.max_model_len is {r.engine.max_model_len}; "
         "raise the latter or lower the former",
     )
-    _check(t.total_steps >= 0, "trainer.total_steps", "must be >= 0")
-    _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
-    _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0: only at start and end)")
-    _check(t.train_group.world_size >= 1, "trainer.train_group.world_size", "must be >= 1")
+    check(t.total_steps >= 0, "trainer.total_steps", "must be >= 0")
+    check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
+    check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0: only at start and end)")
+    check(t.train_group.world_size >= 1, "trainer.train_group.world_size", "must be >= 1")
     batch = t.prompts_per_step * r.n
-    _check(
+    check(
         a.mini_batches >= 1 and batch // a.mini_batches >= t.train_group.world_size,
         "algorithm.mini_batches",
         f"{a.mini_batches} mini-batches of a {batch}-sample batch leave fewer samples than the "
         f"{t.train_group.world_size} training ranks; lower it or raise trainer.prompts_per_step",
     )
-    _check(t.optim.lr > 0, "trainer.optim.lr", "must be > 0")
-    _check(
+    check(t.optim.lr > 0, "trainer.optim.lr", "must be > 0")
+    check(
         t.train_group.micro_batch_size >= 1, "trainer.train_group.micro_batch_size", "must be >= 1"
     )
     _check_samplers(cfg)
-    _check_cpus(cfg)
-    loss = a.loss
-    _check(0 < loss.clip_low < 1, "algorithm.loss.clip_low", "must be in (0, 1)")
-    _check(loss.clip_high > 0, "algorithm.loss.clip_high", "must be > 0")
-    _check(loss.kl_coef >= 0, "algorithm.loss.kl_coef", "must be >= 0")
-    _check(
+    from toolrl.algo.checks import check_algorithm  # no torch: the checks import no tensors
+
+    needs_critic = check_algorithm(cfg)
+    _check_cpus(cfg, needs_critic)
+    check(
         cfg.logger.wandb_mode in ("offline", "online", "disabled"),
         "logger.wandb_mode",
         f"is {cfg.logger.wandb_mode!r}; use offline, online or disabled",
     )
     path = cfg.model.path
-    _check(
+    check(
         path == "embedded" or os.path.isfile(os.path.join(path, "config.json")),
         "model.path",
         f"{path!r} is not a Hugging Face model folder (no config.json); use `embedded` or a local folder",
     )
     _check_embedded_tool(cfg)
     _check_chat_template(cfg.model)
-    _check(bool(cfg.tools), "tools", "no tools configured; add one, e.g. tools=calculator")
+    check(bool(cfg.tools), "tools", "no tools configured; add one, e.g. tools=calculator")
     for name, spec in cfg.tools.items():
         _check_tool(f"tools.{name}", spec)
     _check_parser(cfg.parser)
     _check_protocol(cfg.protocol, tool_names=list(cfg.tools))
     _check_task(cfg.task, tool_names=list(cfg.tools))
     _check_reward(cfg.reward)
-    _check(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
-    resolve_target("algorithm.advantages", a.advantages)
+    check(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
 
 
 # apply_chat_template's own parameters: a template kwarg of one of these names would clash.
@@ -361,13 +409,13 @@ _RENDER_ARGS += ("continue_final_message", "tokenize", "return_dict", "tokenizer
 
 def _check_chat_template(model: ModelConfig) -> None:
     path = model.chat_template
-    _check(
+    check(
         path is None or os.path.isfile(path),
         "model.chat_template",
         f"{path!r} is not a file; give a Jinja chat template file, or null for the tokenizer's",
     )
     clash = sorted(set(model.chat_template_kwargs) & set(_RENDER_ARGS))
-    _check(
+    check(
         not clash,
         "model.chat_template_kwargs",
         f"{', '.join(clash)} are set by toolrl itself; pass only the template's own variables",
@@ -376,7 +424,7 @@ def _check_chat_template(model: ModelConfig) -> None:
 
 def _check_embedded_tool(cfg: Config) -> None:
     tool = cfg.model.embedded_tool
-    _check(
+    check(
         tool in EMBEDDED_TOOLS,
         "model.embedded_tool",
         f"is {tool!r}; the embedded model can be warm-started to call "
@@ -464,28 +512,37 @@ def _check_samplers(cfg: Config) -> None:
         resolve_target(key, spec)
         samplers[key] = sampler = instantiate(spec)
         temperature, top_p = getattr(sampler, "temperature", 1.0), getattr(sampler, "top_p", 1.0)
-        _check(temperature >= 0, f"{key}.temperature", "must be >= 0")
-        _check(0 < top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
-        _check(getattr(sampler, "max_new_tokens", 1) >= 1, f"{key}.max_new_tokens", "must be >= 1")
+        check(temperature >= 0, f"{key}.temperature", "must be >= 0")
+        check(0 < top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+        check(getattr(sampler, "max_new_tokens", 1) >= 1, f"{key}.max_new_tokens", "must be >= 1")
     train = samplers["rollout.sampler"]
-    # The engine and the trainer score sampled tokens under the untempered policy; training
-    # on tempered or top-p samples would need that distribution in the loss too.
-    _check(
-        getattr(train, "temperature", 1.0) == 1.0 and getattr(train, "top_p", 1.0) == 1.0,
+    # The trainer scores logits / temperature, the distribution the engine sampled from; a
+    # top-p cut would need the same truncation in the loss.
+    temperature = getattr(train, "temperature", 1.0)
+    check(
+        temperature > 0 and getattr(train, "top_p", 1.0) == 1.0,
         "rollout.sampler",
-        "training samples must use temperature 1.0 and top_p 1.0 (the loss scores the untempered "
-        "policy); change only rollout.eval_sampler",
+        "training samples need temperature > 0 and top_p 1.0 (the loss scores the full "
+        "tempered distribution); change top_p only in rollout.eval_sampler",
+    )
+    check(
+        temperature == 1.0 or cfg.rollout.engine.logprobs_mode == "processed_logprobs",
+        "rollout.engine.logprobs_mode",
+        "is raw_logprobs (untempered) but rollout.sampler.temperature is not 1; the ratio "
+        "needs the tempered logprobs: set processed_logprobs",
     )
 
 
-def _check_cpus(cfg: Config) -> None:
+def _check_cpus(cfg: Config, needs_critic: bool = False) -> None:
     """On a local cluster, Ray would leave actors pending forever if they ask for too many CPUs."""
     if cfg.ray.address:
         return
     have = cfg.ray.num_cpus or os.cpu_count() or 1
-    r, g = cfg.rollout, cfg.trainer.train_group
+    r, g, c = cfg.rollout, cfg.trainer.train_group, cfg.algorithm.critic
     need = r.num_workers * r.num_cpus_per_worker + g.world_size * g.num_cpus_per_worker
-    _check(
+    if needs_critic and not c.colocate:
+        need += c.group.world_size * c.group.num_cpus_per_worker
+    check(
         need <= have,
         "rollout.num_cpus_per_worker",
         f"the actors ask for {need:g} CPUs but this machine has {have}; lower "

@@ -50,11 +50,11 @@ def run(cfg: Config) -> dict[str, Any]:
     import ray
     from transformers import AutoTokenizer
 
+    from toolrl.algo.algorithm import Algorithm
     from toolrl.metrics import MetricsLogger
     from toolrl.rollout.chat import read_chat_template
     from toolrl.trainer import Trainer
     from toolrl.workers.rollout import RolloutGroup
-    from toolrl.workers.train_group import TrainGroup
 
     model_path = resolve_model(cfg.model.path, cfg.model.embedded_tool)
     r, t = cfg.rollout, cfg.trainer
@@ -75,7 +75,8 @@ def run(cfg: Config) -> dict[str, Any]:
         chat_template = read_chat_template(cfg.model.chat_template)
         spec = rollout_spec(cfg, model_path, chat_template)
         rollout = RolloutGroup(spec, r.num_workers, r.num_cpus_per_worker, r.num_gpus_per_worker)
-        train = TrainGroup(t.train_group, model_path, t.optim, cfg.algorithm.loss)
+        algorithm = Algorithm(cfg.algorithm, r.max_total_tokens)
+        train, critic = train_groups(cfg, algorithm, model_path)
         logger = MetricsLogger(
             cfg.run_dir,
             t.total_steps,
@@ -95,12 +96,13 @@ def run(cfg: Config) -> dict[str, Any]:
                 ),
                 tool_names=list(cfg.tools),
             ),
-            advantages=instantiate(cfg.algorithm.advantages),
+            algorithm=algorithm,
             rollout=rollout,
             train=train,
             logger=logger,
             pad_id=_pad_id(tokenizer),
             model_path=model_path,
+            critic=critic,
         )
         try:
             return trainer.fit()
@@ -108,8 +110,28 @@ def run(cfg: Config) -> dict[str, Any]:
             logger.close()
             rollout.shutdown()
             train.shutdown()
+            if critic is not None and critic is not train:
+                critic.shutdown()
     finally:
         ray.shutdown()
+
+
+def train_groups(cfg: Config, algorithm: Any, model_path: str) -> tuple[Any, Any]:
+    """The policy's group (with the reference when the algorithm needs one) and the group
+    holding the critic: the same group when `algorithm.critic.colocate`, None without one."""
+    from toolrl.workers.train_group import CriticRole, PolicyRole, TrainGroup
+
+    c, t = cfg.algorithm.critic, cfg.trainer
+    temperature = getattr(instantiate(cfg.rollout.sampler), "temperature", 1.0)
+    policy = PolicyRole(t.optim, algorithm.needs_reference, temperature)
+    critic = None
+    if algorithm.needs_critic:
+        critic = CriticRole(c.path or model_path, c.path is None, c.optim, c.value_clip)
+    if critic is not None and c.colocate:
+        group = TrainGroup(t.train_group, model_path, policy, critic)
+        return group, group
+    own = TrainGroup(c.group, model_path, critic=critic) if critic is not None else None
+    return TrainGroup(t.train_group, model_path, policy), own
 
 
 def rollout_spec(cfg: Config, model_path: str, chat_template: str | None) -> Any:

@@ -5,6 +5,7 @@ always), to wandb (offline by default, so no account is needed; `wandb sync` upl
 run later) and to a progress bar on the console.
 
     python -m toolrl.metrics runs/<date>/<time>     # print a run's curve as a table
+    python -m toolrl.metrics RUN_A RUN_B ...         # several runs' eval reward side by side
 """
 
 from __future__ import annotations
@@ -119,18 +120,36 @@ class MetricsLogger:
 _TABLE = ("eval/reward", "eval/tool_calls", "train/reward", "train/tool_calls", "time/step_s")
 
 
-def curve(run_dir: str) -> str:
-    """A Markdown table of a run's metrics.jsonl: one row per step that has any column."""
+def _rows(run_dir: str) -> dict[int, dict[str, float]]:
+    """A run's metrics.jsonl merged per step."""
     rows: dict[int, dict[str, float]] = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         rows.setdefault(int(r["step"]), {}).update(r)
-    out = ["| step | " + " | ".join(_TABLE) + " |", "|---" * (len(_TABLE) + 1) + "|"]
-    for step, r in sorted(rows.items()):
-        cells = [f"{r[k]:.3f}" if k in r else "" for k in _TABLE]
-        out.append(f"| {step} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _table(header: list[str], rows: dict[int, list[float | None]]) -> str:
+    out = ["| step | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    for step, cells in sorted(rows.items()):
+        shown = ["" if c is None else f"{c:.3f}" for c in cells]
+        out.append(f"| {step} | " + " | ".join(shown) + " |")
     return "\n".join(out)
 
 
+def curve(run_dir: str) -> str:
+    """A Markdown table of a run's metrics.jsonl: one row per step that has any column."""
+    rows = _rows(run_dir)
+    return _table(list(_TABLE), {s: [r.get(k) for k in _TABLE] for s, r in rows.items()})
+
+
+def compare(run_dirs: list[str], key: str = "eval/reward") -> str:
+    """One column per run (named by its folder) of `key` at the steps where any run has it."""
+    runs = [_rows(d) for d in run_dirs]
+    steps = sorted({s for rows in runs for s, r in rows.items() if key in r})
+    table = {s: [rows.get(s, {}).get(key) for rows in runs] for s in steps}
+    return _table([Path(d).name for d in run_dirs], table)
+
+
 if __name__ == "__main__":
-    print(curve(sys.argv[1]))
+    print(curve(sys.argv[1]) if len(sys.argv) == 2 else compare(sys.argv[1:]))

@@ -1,11 +1,13 @@
 """The RL loop: roll out, score, compute advantages, update the policy, push weights, repeat.
 
     for step in range(total_steps):
-        trajectories = rollout_group.rollout(prompts x n)        # multi-turn, with tools
-        advantages   = algorithm.advantages(rewards, prompt ids)  # e.g. GRPO group norm
-        batch        = TrainBatch.from_trajectories(...)          # sampled ids masked in only
-        train_group.update(batch)                                 # FSDP2 clipped policy loss
-        rollout_group.load_weights(train_group.weights())         # engines sample the new policy
+        trajectories = rollout_group.rollout(prompts x n)     # multi-turn, with tools
+        kept  = algorithm.select_groups(trajectories)          # (DAPO: refill groups with signal)
+        batch = TrainBatch.from_trajectories(kept)             # sampled ids masked in only
+        batch.old_logprobs, ref_logprobs, values = ...         # what the algorithm needs
+        algorithm.prepare(batch)                               # advantages (GRPO, GAE, ...)
+        train.update(batch); critic.update_critic(batch)       # FSDP2 policy / value losses
+        rollout_group.load_weights(train.weights())            # engines sample the new policy
 
 The trainer does not know which algorithm, tools or task it runs: those come from config.
 Run it through `python -m toolrl.main` (see README.md).
@@ -14,12 +16,12 @@ Run it through `python -m toolrl.main` (see README.md).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from toolrl.algo.algorithm import Algorithm
 from toolrl.algo.batch import TrainBatch
 from toolrl.config import Config
 from toolrl.data.order import PromptOrder
@@ -35,15 +37,18 @@ class Trainer:
         self,
         cfg: Config,
         task: Any,
-        advantages: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        algorithm: Algorithm,
         rollout: RolloutGroup,
         train: TrainGroup,
         logger: MetricsLogger,
         pad_id: int,
         model_path: str,
+        critic: TrainGroup | None = None,
     ) -> None:
-        self.cfg, self.task, self.advantages = cfg, task, advantages
-        self.rollout, self.train, self.logger = rollout, train, logger
+        """`critic` is the group holding the critic (`train` itself when colocated); needed
+        only when the algorithm needs one."""
+        self.cfg, self.task, self.algorithm = cfg, task, algorithm
+        self.rollout, self.train, self.critic, self.logger = rollout, train, critic, logger
         self.pad_id, self.model_path = pad_id, model_path
         self.train_prompts = task.prompts("train")
         self.eval_prompts = task.prompts("eval")[: cfg.trainer.eval_prompts]
@@ -70,11 +75,12 @@ class Trainer:
             last["checkpoint"] = str(out)
         return last
 
-    def _train_episodes(self, step: int) -> list[Episode]:
+    def _train_episodes(self, step: int, round_: int = 0) -> list[Episode]:
         t, n = self.cfg.trainer, self.cfg.rollout.n
         eps = []
         for i, pid in enumerate(self.order.next_indices(t.prompts_per_step)):
             p = self.train_prompts[pid]
+            i += round_ * t.prompts_per_step  # refill rounds (dynamic sampling) draw anew
             for k in range(n):
                 seed = hash((t.seed, step, i, k)) % (2**31 - 1)
                 eps.append(Episode.of(pid, p, seed))
@@ -90,22 +96,13 @@ class Trainer:
         return rollout_metrics(self.rollout.rollout(eps, evaluate=True), "eval")
 
     def step(self, step: int) -> dict[str, float]:
-        a = self.cfg.algorithm
         t0 = time.perf_counter()
-        trajs = self.rollout.rollout(self._train_episodes(step))
+        trajs, kept, metrics = self._rollout(step)
         t1 = time.perf_counter()
-        metrics = rollout_metrics(trajs, "train")
-        kept = [tr for tr in trajs if tr.infra_error is None]  # infra faults stay out of the loss
-        batch = self._batch(kept)
-        if a.recompute_old_logprobs:
-            old = self.train.logprobs(batch)  # [B, T]
-            metrics.update(logprob_drift(old, batch, kept))
-            batch.old_logprobs = old
-        if a.loss.kl_coef > 0:
-            batch.ref_logprobs = self.train.ref_logprobs(batch)
-        for mb in batch.split(a.mini_batches):
-            for k, v in self.train.update(mb).items():
-                metrics[f"train/{k}"] = v  # the last mini-batch's values
+        batch = TrainBatch.from_trajectories(kept, None, self.pad_id)
+        # Nothing to learn from when every sample was a fault or no group had signal.
+        if batch.num_tokens > 0:
+            metrics.update(self._update(batch, kept))
         t2 = time.perf_counter()
         self.rollout.load_weights(self.train.weights(), version=step + 1)
         t3 = time.perf_counter()
@@ -121,11 +118,48 @@ class Trainer:
         )
         return metrics
 
-    def _batch(self, trajs: list[Trajectory]) -> TrainBatch:
-        rewards = torch.tensor([tr.total_reward for tr in trajs], dtype=torch.float32)  # [N]
-        groups = torch.tensor([tr.prompt_id for tr in trajs], dtype=torch.long)  # [N]
-        adv = self.advantages(rewards, groups)  # [N]
-        return TrainBatch.from_trajectories(trajs, adv, self.pad_id)
+    def _update(self, batch: TrainBatch, kept: list[Trajectory]) -> dict[str, float]:
+        """Score the batch with what the algorithm needs, set its advantages, and take one
+        optimizer step per mini-batch (policy, then critic)."""
+        a, metrics = self.algorithm, {}
+        rollout_logprobs = batch.old_logprobs  # [B, T]
+        if a.recompute_old_logprobs:
+            old = self.train.logprobs(batch)  # [B, T]
+            metrics.update(logprob_drift(old, batch, kept))
+            batch.old_logprobs = old
+        if a.needs_reference:
+            batch.ref_logprobs = self.train.ref_logprobs(batch)
+        if a.needs_critic:
+            batch.values = self.critic.values(batch)
+        metrics.update(a.prepare(batch, kept, rollout_logprobs))
+        for mb in batch.split(a.cfg.mini_batches):
+            for k, v in self.train.update(mb, a.loss).items():
+                metrics[f"train/{k}"] = v  # the last mini-batch's values
+            if a.needs_critic:
+                metrics.update({f"critic/{k}": v for k, v in self.critic.update_critic(mb).items()})
+        return metrics
+
+    def _rollout(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
+        """(every trajectory rolled out, those to train on, metrics). Infra faults stay out of
+        the loss; with dynamic sampling, more prompts are rolled out until the batch holds
+        prompts_per_step groups with signal or max_sampling_rounds rollouts were made."""
+        a, want = self.algorithm, self.cfg.trainer.prompts_per_step
+        rounds = a.cfg.max_sampling_rounds if a.cfg.dynamic_sampling else 1
+        trajs: list[Trajectory] = []
+        kept: list[Trajectory] = []
+        groups = 0
+        for r in range(rounds):
+            new = self.rollout.rollout(self._train_episodes(step, r))
+            trajs += new
+            ok = [tr for tr in new if tr.infra_error is None]
+            useful, n = a.select_groups(ok, want - groups)
+            kept, groups = kept + useful, groups + n
+            if groups >= want:
+                break
+        metrics = rollout_metrics(trajs, "train")
+        if a.cfg.dynamic_sampling:
+            metrics |= {"train/sampling_rounds": r + 1, "train/groups_kept": groups}
+        return trajs, kept, metrics
 
 
 def logprob_drift(

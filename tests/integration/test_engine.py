@@ -56,19 +56,24 @@ def hf_model(tiny_model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
-def hf_logprobs(model, context: list[int], new_ids: list[int]) -> torch.Tensor:
-    """log p(new_ids[i] | context + new_ids[:i]) from one transformers forward; [len(new_ids)]."""
+def hf_logprobs(
+    model, context: list[int], new_ids: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(new_ids[i] | context + new_ids[:i]) from one transformers forward, under
+    logits / temperature; [len(new_ids)]."""
     ids = torch.tensor([context + new_ids])  # [1, T]
     with torch.no_grad():
-        logits = model(ids).logits[0].float()  # [T, V]
+        logits = model(ids).logits[0].float() / temperature  # [T, V]
     # Row t predicts token t+1, so rows len(context)-1 .. T-2 score the new ids.
     rows = torch.log_softmax(logits[len(context) - 1 : -1], dim=-1)  # [N, V]
     return rows.gather(-1, torch.tensor(new_ids)[:, None]).squeeze(-1)
 
 
-def assert_matches_hf(model, context: list[int], gen: Generation) -> float:
+def assert_matches_hf(
+    model, context: list[int], gen: Generation, temperature: float = 1.0
+) -> float:
     assert len(gen.token_ids) == len(gen.logprobs) > 0
-    ref = hf_logprobs(model, context, gen.token_ids)
+    ref = hf_logprobs(model, context, gen.token_ids, temperature)
     err = (torch.tensor(gen.logprobs) - ref).abs().max().item()
     assert err < TOL, f"max |vLLM - HF| logprob = {err}"
     return err
@@ -95,9 +100,10 @@ def test_logprobs_match_transformers(runner, engine, hf_model):
     context = PROMPTS[0] + turn1.token_ids + [2, 201, 1, 300, 301, 17, 18, 2, 201]
     turn2 = gen(runner, engine, context, max_new_tokens=16, seed=8)
     errs.append(assert_matches_hf(hf_model, context, turn2))
-    # Logprobs are the model's own (raw_logprobs), whatever temperature / top-p sample.
-    hot = gen(runner, engine, PROMPTS[1], max_new_tokens=16, seed=9, temperature=0.6, top_p=0.8)
-    errs.append(assert_matches_hf(hf_model, PROMPTS[1], hot))
+    # Logprobs are those of the distribution sampled from (processed_logprobs): the trainer
+    # scores logits / temperature the same way (toolrl.workers.actor._token_logprobs).
+    hot = gen(runner, engine, PROMPTS[1], max_new_tokens=16, seed=9, temperature=0.6)
+    errs.append(assert_matches_hf(hf_model, PROMPTS[1], hot, temperature=0.6))
     greedy = gen(runner, engine, PROMPTS[2], max_new_tokens=12, temperature=0.0)
     ids = torch.tensor([PROMPTS[2] + greedy.token_ids])
     with torch.no_grad():

@@ -21,9 +21,10 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from toolrl.algo.batch import TrainBatch
-from toolrl.algo.losses import LossConfig
+from toolrl.algo.losses import LossConfig, LossScale
 from toolrl.rollout.trajectory import Trajectory
 from toolrl.workers.actor import OptimConfig, Policy, Reference
+from toolrl.workers.critic import Critic
 
 VOCAB = 300
 PROBE = torch.tensor([[5, 17, 42, 99, 250, 3, 7, 11]])  # fixed input for logits comparisons
@@ -77,11 +78,14 @@ def _hf_model(path: str) -> Qwen2ForCausalLM:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _hf_logprobs(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
-    """Unsharded reference: log_softmax over the vocabulary, target = next token. [B, T]."""
+def _hf_logprobs(
+    model: torch.nn.Module, batch: TrainBatch, temperature: float = 1.0
+) -> torch.Tensor:
+    """Unsharded reference: log_softmax over the vocabulary of logits / temperature, target =
+    next token. [B, T]."""
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    lp = torch.log_softmax(logits[:, :-1], dim=-1)
+    lp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
     lp = lp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     has_target = torch.nn.functional.pad(batch.attention_mask[:, 1:], (0, 1))  # [B, T]
     return torch.nn.functional.pad(lp, (0, 1)) * has_target
@@ -115,10 +119,10 @@ def _scenario_update(rank: int, world: int, port: int, model_dir: str, out: str)
     """Logprobs, one update, weights, save_hf. Rank r gets rows split(world)[r] (uneven)."""
     _init(rank, world, port)
     batch: TrainBatch = torch.load(f"{out}/../batch.pt", weights_only=False)
-    policy = Policy(model_dir, OptimConfig(lr=1e-4), LossConfig(kl_coef=0.0), micro_batch_size=2)
+    policy = Policy(model_dir, OptimConfig(lr=1e-4), micro_batch_size=2)
     part = batch.split(world)[rank]
     torch.save(policy.logprobs(part), f"{out}/logprobs{rank}.pt")
-    metrics = policy.update(part, batch.num_tokens)
+    metrics = policy.update(part, LossScale.of(batch), LossConfig(kl_coef=0.0))
     probe = _probe_logits(policy.model)
     weights = policy.state_dict_bytes()
     policy.save_hf(f"{out}/hf", tokenizer_src=f"{out}/../tok")
@@ -137,16 +141,50 @@ def _scenario_grpo(rank: int, world: int, port: int, model_dir: str, out: str) -
     batch: TrainBatch = torch.load(f"{out}/../batch.pt", weights_only=False)
     part = batch.split(world)[rank]
     loss = LossConfig(kl_coef=0.01)
-    policy = Policy(model_dir, OptimConfig(lr=3e-3), loss, micro_batch_size=2)
+    policy = Policy(model_dir, OptimConfig(lr=3e-3), micro_batch_size=2)
     reference = Reference(model_dir, micro_batch_size=3)
     history = []
     for _ in range(4):
         part.old_logprobs = policy.logprobs(part) * part.loss_mask
         part.ref_logprobs = reference.logprobs(part)
         history.append((part.old_logprobs.clone(), part.ref_logprobs.clone()))
-        metrics = policy.update(part, batch.num_tokens)
+        metrics = policy.update(part, LossScale.of(batch), loss)
     history.append((policy.logprobs(part) * part.loss_mask, None))
     torch.save((history, metrics), f"{out}/grpo{rank}.pt")
+    _finish()
+
+
+def _grads_of_one_update(policy: Policy, part: TrainBatch, scale: LossScale, loss: LossConfig):
+    """The full (unsharded) gradients one update computes; the optimizer step is skipped."""
+    policy.optimizer.step = lambda: None  # keep the weights: every policy starts equal
+    policy.update(part, scale, loss)
+    return {n: p.grad.full_tensor().clone() for n, p in policy.model.named_parameters()}
+
+
+def _scenario_budget(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    """Gradients of micro_batch_size vs micro_batch_tokens micro-batches, per aggregation; and
+    a critic (fresh value head) regressing on returns for a few steps."""
+    _init(rank, world, port)
+    batch: TrainBatch = torch.load(f"{out}/../batch.pt", weights_only=False)
+    part, scale = batch.split(world)[rank], LossScale.of(batch)
+    grads = {}
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        loss = LossConfig(kl_coef=0.0, aggregation=agg)
+        optim = OptimConfig(lr=1e-3, grad_clip=0.0)
+        rows = Policy(model_dir, optim, micro_batch_size=2)
+        budget = Policy(model_dir, optim, micro_batch_size=2, micro_batch_tokens=24)
+        grads[agg] = (
+            _grads_of_one_update(rows, part, scale, loss),
+            _grads_of_one_update(budget, part, scale, loss),
+        )
+        assert len(part.micro_batch_rows(2, 24)) != len(part.micro_batch_rows(2))
+    hot = Policy(model_dir, OptimConfig(), micro_batch_size=2, temperature=0.7).logprobs(part)
+    torch.save(hot, f"{out}/hot{rank}.pt")
+    critic = Critic(model_dir, True, OptimConfig(lr=1e-2), 10.0, micro_batch_size=2)
+    part.values = critic.values(part)
+    part.returns = torch.where(part.loss_mask > 0, 1.0, 0.0)
+    history = [critic.update(part, scale)["value_loss"] for _ in range(6)]
+    torch.save((grads, part.values, history, critic.values(part)), f"{out}/budget{rank}.pt")
     _finish()
 
 
@@ -167,6 +205,7 @@ def runs(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         "w2": _spawn(_scenario_update, 2, model_dir, root / "w2"),
         "w1": _spawn(_scenario_update, 1, model_dir, root / "w1"),
         "grpo": _spawn(_scenario_grpo, 2, model_dir, root / "grpo"),
+        "budget": _spawn(_scenario_budget, 2, model_dir, root / "budget"),
         "root": root,
     }
 
@@ -231,23 +270,50 @@ def test_grpo_updates_raise_positive_advantage_tokens(runs: dict[str, Path]) -> 
     assert metrics["kl_ref"] > 0 and metrics == grpo[1][1]  # drifted; metrics global
 
 
+def test_token_budget_micro_batches_give_the_fixed_split_gradients(runs: dict[str, Path]) -> None:
+    grads = torch.load(runs["budget"] / "budget0.pt", weights_only=False)[0]
+    for agg, (rows, budget) in grads.items():
+        worst = max((rows[n] - budget[n]).abs().max().item() for n in rows)
+        assert worst < 1e-6, (agg, worst)
+        assert max(g.abs().max().item() for g in rows.values()) > 1e-4  # not vacuous
+
+
+def test_logprobs_at_a_rollout_temperature_score_the_tempered_distribution(
+    runs: dict[str, Path], model_dir: str
+) -> None:
+    batch = torch.load(runs["root"] / "batch.pt", weights_only=False)
+    hot = torch.cat([torch.load(runs["budget"] / f"hot{r}.pt") for r in range(2)])
+    expected = _hf_logprobs(_hf_model(model_dir), batch, temperature=0.7)
+    assert torch.allclose(hot, expected, atol=1e-5)
+    assert not torch.allclose(hot, _hf_logprobs(_hf_model(model_dir), batch), atol=1e-2)
+
+
+def test_critic_starts_at_zero_and_regresses_on_returns(runs: dict[str, Path]) -> None:
+    _, start, history, end = torch.load(runs["budget"] / "budget0.pt", weights_only=False)
+    assert start.abs().max().item() == 0.0  # a fresh value head predicts 0 everywhere
+    assert history[0] == pytest.approx(0.5)  # 0.5 * (0 - 1)^2 on every sampled token
+    assert history[-1] < 0.5 * history[0]
+    assert end[end != 0].mean().item() > 0.2  # moved towards the returns (1)
+
+
 def test_ray_train_group_end_to_end(model_dir: str, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
-    from toolrl.workers.train_group import TrainGroup, TrainGroupConfig
+    from toolrl.workers.train_group import PolicyRole, TrainGroup, TrainGroupConfig
 
     batch = _make_batch(model_dir, seed=2)
     expected = _hf_logprobs(_hf_model(model_dir), batch)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         cfg = TrainGroupConfig(world_size=2, micro_batch_size=2)
-        group = TrainGroup(cfg, model_dir, OptimConfig(lr=1e-3), LossConfig(kl_coef=0.01))
+        loss = LossConfig(kl_coef=0.01)
+        group = TrainGroup(cfg, model_dir, PolicyRole(OptimConfig(lr=1e-3), reference=True))
         lp = group.logprobs(batch)
         assert torch.allclose(lp, expected, atol=1e-5)
         # one row: rank 1 gets no rows at all and must still join every collective
         assert torch.allclose(group.logprobs(batch.rows(0, 1)), lp[:1], atol=1e-6)
         batch.ref_logprobs = group.ref_logprobs(batch)
         assert torch.allclose(batch.ref_logprobs, lp, atol=1e-6)
-        metrics = group.update(batch)
+        metrics = group.update(batch, loss)
         assert metrics["num_tokens"] == batch.num_tokens and metrics["grad_norm"] > 0
         fresh = Qwen2ForCausalLM(_hf_model(model_dir).config)
         fresh.load_state_dict(safetensors.torch.load(group.weights()), strict=False)
@@ -256,7 +322,7 @@ def test_ray_train_group_end_to_end(model_dir: str, tmp_path: Path) -> None:
         assert not torch.allclose(new_lp, expected, atol=1e-4)  # the update moved the policy
         group.save_hf(str(tmp_path / "ckpt"), tokenizer_src=None)
         assert torch.allclose(_hf_logprobs(_hf_model(str(tmp_path / "ckpt")), batch), new_lp)
-        assert group.update(batch.rows(0, 1))["num_tokens"] == batch.rows(0, 1).num_tokens
+        assert group.update(batch.rows(0, 1), loss)["num_tokens"] == batch.rows(0, 1).num_tokens
         group.shutdown()
     finally:
         ray.shutdown()

@@ -73,3 +73,69 @@ def test_micro_batches_and_trim() -> None:
     first = micro[0].trimmed()  # rows of 6 and 7 ids in a batch 10 wide
     assert first.input_ids.shape == (2, 7) and first.loss_mask.shape == (2, 7)
     assert first.num_tokens == micro[0].num_tokens
+
+
+def _lengths_batch(lengths: list[int], width: int = 12) -> TrainBatch:
+    """Rows with these many real tokens (right-padded); row i's ids are all i."""
+    n = len(lengths)
+    ids = torch.arange(n).reshape(n, 1).repeat(1, width)
+    attn = torch.zeros(n, width, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        attn[i, :length] = 1
+    mask = attn[:, 1:].float()
+    mask = torch.cat([mask, torch.zeros(n, 1)], dim=1)  # the last real column has no target
+    per_row = torch.arange(n, dtype=torch.float32).reshape(n, 1) * torch.ones(n, width)
+    return TrainBatch(
+        ids, attn, mask, -per_row, per_row, per_row + 0.5, per_row + 0.25, per_row + 1, per_row + 2
+    )
+
+
+LENGTHS = [3, 9, 5, 1, 7, 7, 2, 12]
+
+
+def test_micro_batch_rows_fixed_split_without_budget() -> None:
+    batch = _lengths_batch(LENGTHS)
+    assert batch.micro_batch_rows(3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert batch.micro_batch_rows(8) == [list(range(8))]
+
+
+def test_micro_batch_rows_by_hand() -> None:
+    batch = _lengths_batch(LENGTHS)
+    # longest first: 12 (row 7), 9 (1), 7 (4), 7 (5), 5 (2), 3 (0), 2 (6), 1 (3); budget 14:
+    #   [7] 12; +1 -> 2 x 12 > 14: [1] 9; +4 -> 2 x 9 > 14: [4] 7; +5 -> 2 x 7 = 14 fits
+    #   +2 -> 3 x 7 > 14: [2] 5; +0 -> 2 x 5 = 10 fits; +6 -> 3 x 5 > 14: [6] 2; +3 -> 4 fits
+    assert batch.micro_batch_rows(2, max_tokens=14) == [[7], [1], [4, 5], [2, 0], [6, 3]]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 10, 14, 24, 100])
+def test_micro_batch_rows_respect_the_budget(max_tokens: int) -> None:
+    batch = _lengths_batch(LENGTHS)
+    groups = batch.micro_batch_rows(2, max_tokens=max_tokens)
+    assert sorted(i for g in groups for i in g) == list(range(len(LENGTHS)))  # each row once
+    for g in groups:
+        longest = max(LENGTHS[i] for i in g)
+        assert len(g) * longest <= max_tokens or len(g) == 1
+        part = batch.select(g).trimmed()  # what the trainer runs: the padded width is longest
+        assert part.input_ids.shape == (len(g), longest)
+    if max_tokens >= 8 * 12:
+        assert len(groups) == 1  # everything fits at once
+
+
+def test_select_keeps_the_given_order_and_every_field() -> None:
+    batch = _lengths_batch(LENGTHS)
+    part = batch.select([5, 0, 3])
+    assert part.input_ids[:, 0].tolist() == [5, 0, 3]
+    for name in ("old_logprobs", "advantages", "ref_logprobs", "is_weights", "values", "returns"):
+        full = getattr(batch, name)
+        assert torch.equal(getattr(part, name), full[[5, 0, 3]]), name
+    part.advantages[0, 0] = 1e9  # a copy: the batch is untouched
+    assert batch.advantages[5, 0].item() == 5.0
+
+
+def test_new_fields_are_shape_checked_and_carried_by_split() -> None:
+    batch = _lengths_batch(LENGTHS)
+    halves = batch.split(2)
+    for name in ("is_weights", "values", "returns"):
+        assert torch.equal(torch.cat([getattr(h, name) for h in halves]), getattr(batch, name))
+    with pytest.raises(ValueError, match="returns"):
+        TrainBatch(*(torch.zeros(2, 3) for _ in range(8)), torch.zeros(2, 4))

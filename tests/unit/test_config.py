@@ -34,10 +34,18 @@ def test_default_config_validates_and_every_target_instantiates():
     task = instantiate(cfg.task)
     assert task.prompts("train") and task.prompts("eval")
     adv = instantiate(cfg.algorithm.advantages)
-    import torch
+    assert not adv.needs_critic and adv.needs_groups
 
-    out = adv(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1]))
-    assert out.shape == (4,) and out[0] > 0 > out[1] and out[2] == out[3] == 0
+
+@pytest.mark.parametrize("algorithm", [p.stem for p in Path(CONF, "algorithm").glob("*.yaml")])
+def test_every_algorithm_composes_and_says_what_it_needs(algorithm):
+    from toolrl.algo.algorithm import Algorithm
+
+    cfg = load(f"algorithm={algorithm}")
+    validate(cfg)
+    algo = Algorithm(cfg.algorithm, cfg.rollout.max_total_tokens)
+    assert algo.needs_critic == (algorithm == "ppo")
+    assert algo.needs_reference == (cfg.algorithm.loss.kl_coef + cfg.algorithm.kl_in_reward > 0)
 
 
 @pytest.mark.parametrize("experiment", [p.stem for p in Path(CONF, "experiment").glob("*.yaml")])
@@ -72,15 +80,57 @@ def test_unknown_key_and_wrong_type_fail_at_composition():
         ("parser.reasoning._target_=nope.Step", "parser.reasoning._target_"),
         ("parser.reasoning.end=''", "parser.reasoning"),
         ("+tools.calculator.max_digitz=3", "tools.calculator"),
-        ("rollout.sampler.temperature=0.7", "rollout.sampler"),
+        ("rollout.sampler.top_p=0.9", "rollout.sampler"),
+        ("rollout.sampler.temperature=0", "rollout.sampler"),
+        (
+            "rollout.sampler.temperature=0.7 rollout.engine.logprobs_mode=raw_logprobs",
+            "rollout.engine.logprobs_mode",
+        ),
         ("rollout.eval_sampler.top_p=0", "rollout.eval_sampler.top_p"),
         ("trainer.train_group.micro_batch_size=0", "trainer.train_group.micro_batch_size"),
         ("model.path=/nonexistent", "model.path"),
+        ("algorithm.old_logprobs=sometimes", "algorithm.old_logprobs"),
+        ("algorithm.loss.aggregation=token-max", "algorithm.loss.aggregation"),
+        ("algorithm.loss.kl_estimator=k4", "algorithm.loss.kl_estimator"),
+        ("algorithm.loss.mismatch.mode=tis", "algorithm.loss.mismatch"),  # low/high fine: passes
+        ("algorithm.loss.mismatch.low=1.5", "algorithm.loss.mismatch"),
+        ("algorithm.kl_in_reward=0.1", "algorithm.kl_in_reward"),  # GRPO never reads it
+        ("algorithm.overlong_buffer=512", "algorithm.overlong_buffer"),
+        ("algorithm.advantages._target_=toolrl.algo.advantages.rloo_advantages", "algorithm.adv"),
     ],
 )
 def test_validation_names_the_key(override, key):
+    if override == "algorithm.loss.mismatch.mode=tis":
+        validate(load(override))  # a valid mode with the default bounds
+        return
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(load(override))
+        validate(load(*override.split()))
+
+
+def test_training_temperature_other_than_one_is_allowed():
+    validate(load("rollout.sampler.temperature=0.7"))  # the trainer divides logits by it
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (("algorithm=drgrpo", "algorithm.loss.norm_tokens=null"), "algorithm.loss.norm_tokens"),
+        (("algorithm=ppo", "algorithm.critic.path=/nonexistent"), "algorithm.critic.path"),
+        (("algorithm=ppo", "algorithm.critic.value_clip=0"), "algorithm.critic.value_clip"),
+        (("algorithm=dapo", "rollout.n=1"), "rollout.n"),
+        (
+            ("algorithm=ppo", "algorithm.critic.colocate=false", "ray.num_cpus=2"),
+            "rollout.num_cpus_per_worker",  # its own group's CPUs count too
+        ),
+    ],
+)
+def test_algorithm_validation_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(load(*overrides))
+
+
+def test_ppo_needs_no_groups():
+    validate(load("algorithm=ppo", "rollout.n=1"))  # a critic is the baseline
 
 
 def test_python_tool_sandbox_is_checked_before_ray_starts():

@@ -29,3 +29,19 @@ def test_drift_is_reported_per_turn_on_sampled_columns_only():
     assert abs(out["rollout/logprob_diff_max_turn1"] - 0.3) < 1e-6
     assert abs(out["rollout/logprob_diff_max"] - 0.3) < 1e-6
     assert abs(out["rollout/logprob_diff_mean"] - 0.31 / 3) < 1e-6
+
+
+def test_compare_puts_runs_side_by_side_at_every_eval_step(tmp_path):
+    import json
+
+    from toolrl.metrics import compare, curve
+
+    for name, evals in (("grpo", {0: 0.25, 5: 0.5}), ("ppo", {0: 0.25, 5: 0.75, 10: 1.0})):
+        (tmp_path / name).mkdir()
+        lines = [{"step": s, "eval/reward": v} for s, v in evals.items()]
+        lines.append({"step": 0, "train/reward": 0.125})  # merged into step 0's row
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    table = compare([str(tmp_path / "grpo"), str(tmp_path / "ppo")]).splitlines()
+    assert table[0] == "| step | grpo | ppo |"
+    assert table[2:] == ["| 0 | 0.250 | 0.250 |", "| 5 | 0.500 | 0.750 |", "| 10 |  | 1.000 |"]
+    assert "| 0 | 0.250 |  | 0.125 |" in curve(str(tmp_path / "grpo"))

@@ -31,8 +31,11 @@ class TrainBatch:
     attention_mask: Tensor  # [B, T] long, 1 on real tokens
     loss_mask: Tensor  # [B, T] float 0/1, 1 where token t+1 was sampled by the policy
     old_logprobs: Tensor  # [B, T] float, rollout logprob of token t+1 (0 where masked out)
-    advantages: Tensor  # [B, T] float, the sample's advantage on its masked-in columns
+    advantages: Tensor  # [B, T] float, the advantage of token t+1 (0 where masked out)
     ref_logprobs: Tensor | None = None  # [B, T] float, reference logprob of token t+1
+    is_weights: Tensor | None = None  # [B, T] float, rollout/trainer mismatch correction
+    values: Tensor | None = None  # [B, T] float, the critic's value before token t+1
+    returns: Tensor | None = None  # [B, T] float, the critic's target at column t
 
     def __post_init__(self) -> None:
         shape = self.input_ids.shape
@@ -43,13 +46,15 @@ class TrainBatch:
 
     @classmethod
     def from_trajectories(
-        cls, trajs: list[Trajectory], advantages: Tensor, pad_id: int
+        cls, trajs: list[Trajectory], advantages: Tensor | None, pad_id: int
     ) -> TrainBatch:
-        """Pad trajectories (right) into a batch. advantages: [N], one scalar per trajectory.
+        """Pad trajectories (right) into a batch; old_logprobs are the rollout's. advantages:
+        [N], one scalar per trajectory on its sampled columns, or None (0 until the algorithm
+        sets per-token ones, see toolrl.algo.algorithm).
 
         Trajectories with infra_error must already be left out by the caller.
         """
-        if len(trajs) != advantages.numel():
+        if advantages is not None and len(trajs) != advantages.numel():
             raise ValueError(f"{len(trajs)} trajectories but {advantages.numel()} advantages")
         n, width = len(trajs), max((len(t.token_ids) for t in trajs), default=1)
         input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -63,7 +68,9 @@ class TrainBatch:
             # shift by one: column t predicts token t+1 (see the module docstring)
             loss_mask[i, : length - 1] = torch.tensor(traj.loss_mask[1:], dtype=torch.float32)
             old_logprobs[i, : length - 1] = torch.tensor(traj.logprobs[1:], dtype=torch.float32)
-        adv = advantages.float().reshape(n, 1) * loss_mask  # [N, T]
+        adv = torch.zeros(n, width)
+        if advantages is not None:
+            adv = advantages.float().reshape(n, 1) * loss_mask  # [N, T]
         return cls(input_ids, attention_mask, loss_mask, old_logprobs * loss_mask, adv)
 
     @property
@@ -101,6 +108,28 @@ class TrainBatch:
             parts.append(self.rows(start, end)._map(torch.clone))
             start = end
         return parts
+
+    def select(self, rows: list[int]) -> TrainBatch:
+        """These rows, in this order, as a new batch (copies)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return self._map(lambda t: t.index_select(0, index))
+
+    def micro_batch_rows(self, size: int, max_tokens: int | None = None) -> list[list[int]]:
+        """Row indices of each micro-batch: consecutive chunks of at most `size` rows, or, with
+        `max_tokens`, rows grouped so that rows x longest row stays within that token budget
+        (a row longer than the budget goes alone). The loss is a sum over tokens divided by a
+        global count (algo/losses.py), so any grouping gives the same gradient."""
+        if max_tokens is None:
+            return [list(range(s, min(s + size, self.size))) for s in range(0, self.size, size)]
+        lengths = self.attention_mask.sum(dim=1).tolist()
+        order = sorted(range(self.size), key=lambda i: -lengths[i])  # longest first
+        groups: list[list[int]] = []
+        for i in order:  # the group's longest row is its first
+            if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
 
     def micro_batches(self, size: int) -> Iterator[TrainBatch]:
         """Consecutive chunks of at most `size` rows."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
@@ -64,6 +64,8 @@ class Score:
     # Components that raised or ran out of time on the model's output; each counted as 0.
     failed: tuple[str, ...] = ()
     per_turn: tuple[float, ...] = ()  # credited to each assistant turn; () when none is
+    # Each logged component's weight in the total (GDPO normalises components one by one).
+    weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> float:
@@ -99,23 +101,24 @@ class RewardStack:
     def combine(self, values: Mapping[str, RewardValue | None], num_turns: int = 0) -> Score:
         """Weighted total of each component's value; None marks a failed component (0).
         PerTurn values must hold `num_turns` entries."""
-        outcome, logged, failed = 0.0, {}, []
+        outcome, logged, failed, weights = 0.0, {}, [], {}
         per_turn = [0.0] * num_turns
         for c in self.components:
             value = values[c.name]
             if value is None:
                 failed.append(c.name)
-                logged[c.name] = 0.0
+                logged[c.name], weights[c.name] = 0.0, c.weight
                 continue
             value = normalize_value(c.name, value, num_turns)
             flat = flatten(c.name, value)
             logged.update(flat)
+            weights.update(dict.fromkeys(flat, c.weight))
             if isinstance(value, PerTurn):
                 per_turn = [p + c.weight * v for p, v in zip(per_turn, value.values, strict=True)]
             else:
                 outcome += c.weight * sum(flat.values())
         credited = tuple(per_turn) if any(per_turn) else ()
-        return Score(outcome, logged, tuple(failed), credited)
+        return Score(outcome, logged, tuple(failed), credited, weights)
 
 
 def _named(specs: Any) -> list[tuple[str | None, Mapping[str, Any]]]:

@@ -143,6 +143,7 @@ class AgentLoop:
         for turn, credit in zip(traj.turns, credits, strict=True):
             turn.reward += credit
         traj.info["reward_components"] = score.components
+        traj.info["reward_weights"] = score.weights
         traj.info["reward_failures"] = score.model_failures
 
     async def _sample(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import safetensors.torch
 import torch
@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from toolrl.algo.batch import TrainBatch
-from toolrl.algo.losses import LossConfig, policy_loss
+from toolrl.algo.losses import LossConfig, LossScale, policy_loss
 from toolrl.config import OptimConfig
 
 # Files copied from `tokenizer_src` into a saved checkpoint so it loads as a full HF model.
@@ -46,8 +46,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# Metrics averaged over masked-in tokens; "loss" is already a token mean and is summed.
-_TOKEN_METRICS = ("clip_frac", "approx_kl", "kl_ref", "ratio_mean")
 
 
 def shard_model(model: nn.Module, world_size: int) -> nn.Module:
@@ -66,7 +64,7 @@ def shard_model(model: nn.Module, world_size: int) -> nn.Module:
     return model
 
 
-def _device() -> torch.device:
+def train_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -78,46 +76,95 @@ def _load_sharded(model_path: str, device: torch.device, trainable: bool) -> nn.
     return shard_model(model, dist.get_world_size())
 
 
-def _token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def _token_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) at column t; 0 without a target. [b, t].
 
-    Raw logits (no temperature): vLLM reports sampled-token logprobs of the raw model too.
+    The logits are divided by the rollout's sampling temperature, so the trainer scores the
+    distribution the engine sampled from. With `with_entropy`, also that distribution's
+    entropy at each column ([b, t], with the gradient).
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logits = logits[:, :-1].float()  # [b, t-1, V]
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[:, 1:].unsqueeze(-1)  # [b, t-1, 1]
     # gather - logsumexp avoids materialising a second [b, t-1, V] log_softmax tensor
-    lp = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(dim=-1)
-    lp = lp * attention_mask[:, 1:]  # 0 where the next token is padding, not a target
-    return F.pad(lp, (0, 1))
+    lse = logits.logsumexp(dim=-1)  # [b, t-1]
+    lp = logits.gather(-1, targets).squeeze(-1) - lse
+    has_target = attention_mask[:, 1:]  # 0 where the next token is padding, not a target
+    lp = lp * has_target
+    entropy = None
+    if with_entropy:
+        entropy = (lse - (logits.softmax(dim=-1) * logits).sum(dim=-1)) * has_target
+        entropy = F.pad(entropy, (0, 1))
+    return F.pad(lp, (0, 1)), entropy
 
 
-def _empty_micro_batch() -> TrainBatch:
-    """One 2-token row with nothing masked in: runs the collectives, contributes nothing."""
-    zeros = torch.zeros(1, 2)
-    return TrainBatch(zeros.long(), torch.ones(1, 2, dtype=torch.long), zeros, zeros, zeros, zeros)
+def _empty_like(batch: TrainBatch) -> TrainBatch:
+    """One 2-token row with nothing masked in, with the same fields set as `batch`: runs the
+    collectives, contributes nothing."""
+    empty = batch._map(lambda t: torch.zeros(1, 2, dtype=t.dtype))
+    empty.attention_mask = torch.ones(1, 2, dtype=torch.long)
+    return empty
 
 
-def _aligned_micro_batches(batch: TrainBatch, size: int) -> Iterator[tuple[TrainBatch, bool]]:
-    """Yield (micro-batch, is_real); every rank yields the same number of micro-batches."""
-    local = list(batch.micro_batches(size))
-    count = torch.tensor([len(local)], dtype=torch.long, device=_device())
+def aligned_micro_batches(
+    batch: TrainBatch, size: int, max_tokens: int | None
+) -> Iterator[tuple[TrainBatch, list[int] | None]]:
+    """Yield (micro-batch, its rows in batch; None for padding); every rank yields the same
+    number of micro-batches (see micro_batch_rows for size vs max_tokens)."""
+    local = batch.micro_batch_rows(size, max_tokens)
+    count = torch.tensor([len(local)], dtype=torch.long, device=train_device())
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     for i in range(int(count.item())):
-        yield (local[i], True) if i < len(local) else (_empty_micro_batch(), False)
+        if i < len(local):
+            yield batch.select(local[i]), local[i]
+        else:
+            yield _empty_like(batch), None
 
 
-def _batched_logprobs(model: nn.Module, batch: TrainBatch, size: int) -> Tensor:
-    """No-grad logprobs of the whole local batch, micro-batch by micro-batch. [B, T] on CPU."""
-    model.eval()
-    device, width, out = _device(), batch.input_ids.shape[1], []
+def forward_rows(
+    fn: Callable[[TrainBatch], Tensor], batch: TrainBatch, size: int, max_tokens: int | None
+) -> Tensor:
+    """No-grad `fn(micro-batch) -> [b, t]` over the whole local batch, put back in row order.
+    [B, T] on CPU."""
+    device, width = train_device(), batch.input_ids.shape[1]
+    out = torch.zeros(batch.size, width)
     with torch.no_grad():
-        for mb, real in _aligned_micro_batches(batch, size):
-            mb = mb.trimmed().to(device)
-            lp = _token_logprobs(model, mb.input_ids, mb.attention_mask)  # [b, t<=T]
-            if real:
-                out.append(F.pad(lp, (0, width - lp.shape[1])).cpu())
-    return torch.cat(out) if out else torch.zeros(0, width)
+        for mb, rows in aligned_micro_batches(batch, size, max_tokens):
+            part = fn(mb.trimmed().to(device)).cpu()  # [b, t<=T]
+            if rows is not None:
+                out[torch.tensor(rows), : part.shape[1]] = part
+    return out
+
+
+def make_optimizer(
+    model: nn.Module, optim: OptimConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a linear warm-up over optim.warmup_steps updates."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+    )
+    warmup = optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    )
+    return optimizer, scheduler
+
+
+def clip_grads(model: nn.Module, grad_clip: float) -> float:
+    """Clip the global grad norm (over all shards); returns the norm before clipping."""
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm.item())
 
 
 def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -133,67 +180,88 @@ def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in state.items()}
 
 
-class Policy:
-    """The trained policy: sharded HF model, AdamW, warm-up schedule."""
+class _Scorer:
+    """A sharded causal LM that scores sampled tokens at the rollout's temperature."""
 
     def __init__(
-        self, model_path: str, optim: OptimConfig, loss: LossConfig, micro_batch_size: int
+        self,
+        model_path: str,
+        trainable: bool,
+        micro_batch_size: int,
+        micro_batch_tokens: int | None,
+        temperature: float,
     ) -> None:
-        self.model = _load_sharded(model_path, _device(), trainable=True)
-        self.optim_cfg, self.loss_cfg, self.micro_batch_size = optim, loss, micro_batch_size
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
-        )
-        warmup = optim.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        )
+        self.model = _load_sharded(model_path, train_device(), trainable=trainable)
+        self.micro_batch_size, self.micro_batch_tokens = micro_batch_size, micro_batch_tokens
+        self.temperature = temperature
 
     def logprobs(self, batch: TrainBatch) -> Tensor:
         """[B, T] logprob of token t+1 at column t (see toolrl.algo.batch), no grad, on CPU."""
-        return _batched_logprobs(self.model, batch, self.micro_batch_size)
+        return forward_rows(self._logprobs, batch, self.micro_batch_size, self.micro_batch_tokens)
 
-    def update(self, batch: TrainBatch, num_tokens: float) -> dict[str, float]:
+    def _logprobs(self, mb: TrainBatch) -> Tensor:
+        self.model.eval()
+        return _token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)[0]
+
+
+class Policy(_Scorer):
+    """The trained policy: sharded HF model, AdamW, warm-up schedule."""
+
+    def __init__(
+        self,
+        model_path: str,
+        optim: OptimConfig,
+        micro_batch_size: int,
+        micro_batch_tokens: int | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(model_path, True, micro_batch_size, micro_batch_tokens, temperature)
+        self.optim_cfg = optim
+        self.optimizer, self.scheduler = make_optimizer(self.model, optim)
+
+    def update(self, batch: TrainBatch, scale: LossScale, loss_cfg: LossConfig) -> dict[str, float]:
         """One optimizer step over this rank's rows; metrics are global (same on every rank).
 
-        num_tokens: masked-in tokens of the global batch (all ranks together).
+        scale: counts of the global mini-batch (all ranks together), see algo/losses.py;
+        loss_cfg: the algorithm's loss settings.
         """
-        if self.loss_cfg.kl_coef > 0 and batch.ref_logprobs is None:
+        if loss_cfg.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 but the batch has no ref_logprobs")
-        device, world = _device(), dist.get_world_size()
-        num_tokens = max(float(num_tokens), 1.0)
+        device, world = train_device(), dist.get_world_size()
+        num_tokens = max(scale.num_tokens, 1.0)
+        scale = LossScale(num_tokens, max(scale.num_seqs, 1.0))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(1 + len(_TOKEN_METRICS), dtype=torch.float64, device=device)
+        sums: dict[str, Tensor] = {}
         ratio_max = torch.zeros(1, dtype=torch.float64, device=device)
-        for mb, _ in _aligned_micro_batches(batch, self.micro_batch_size):
+        entropy = loss_cfg.entropy_coef > 0
+        for mb, _ in aligned_micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens):
             mb = mb.trimmed().to(device)
-            lp = _token_logprobs(self.model, mb.input_ids, mb.attention_mask)
-            rest = (mb.old_logprobs, mb.advantages, mb.loss_mask, self.loss_cfg, mb.ref_logprobs)
-            loss, m = policy_loss(lp, *rest, num_tokens)
+            lp, ent = _token_logprobs(
+                self.model, mb.input_ids, mb.attention_mask, self.temperature, entropy
+            )
+            loss, m = policy_loss(lp, mb, loss_cfg, scale, ent)
             # FSDP2 averages gradients over ranks; * world turns that mean back into the sum
-            # over ranks, so the step equals one process's token-mean step on the full batch.
+            # over ranks, so the step equals one process's step on the full batch.
             (loss * world).backward()
             tokens = mb.loss_mask.sum()
-            sums += torch.stack([loss.detach()] + [m[k] * tokens for k in _TOKEN_METRICS])
+            parts = {"loss": loss.detach()} | {
+                k: v * tokens for k, v in m.items() if k != "ratio_max"
+            }
+            for k, v in parts.items():
+                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v
             ratio_max = torch.maximum(ratio_max, m["ratio_max"].double().reshape(1))
-        grad_norm = self._clip_grads()
+        grad_norm = clip_grads(self.model, self.optim_cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        dist.all_reduce(sums)
+        keys = list(sums)  # the same on every rank: they follow from the config
+        total = torch.stack([sums[k] for k in keys])
+        dist.all_reduce(total)
         dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
-        metrics = {"loss": sums[0].item(), "grad_norm": grad_norm, "lr": lr}
-        metrics |= {k: (sums[i + 1] / num_tokens).item() for i, k in enumerate(_TOKEN_METRICS)}
+        metrics = {"loss": total[0].item(), "grad_norm": grad_norm, "lr": lr}
+        metrics |= {k: (total[i] / num_tokens).item() for i, k in enumerate(keys) if i > 0}
         return metrics | {"ratio_max": ratio_max.item(), "num_tokens": num_tokens}
-
-    def _clip_grads(self) -> float:
-        """Clip the global grad norm (over all shards); returns the norm before clipping."""
-        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return float(norm.item())
 
     def state_dict_bytes(self) -> bytes | None:
         """Collective. Full weights as safetensors bytes on rank 0 (HF key names); None elsewhere."""
@@ -235,13 +303,14 @@ def _replace_dir(src: str, dst: str) -> None:
         shutil.rmtree(old)
 
 
-class Reference:
+class Reference(_Scorer):
     """Frozen copy of the initial policy, sharded the same way; no optimizer."""
 
-    def __init__(self, model_path: str, micro_batch_size: int) -> None:
-        self.model = _load_sharded(model_path, _device(), trainable=False)
-        self.micro_batch_size = micro_batch_size
-
-    def logprobs(self, batch: TrainBatch) -> Tensor:
-        """[B, T] reference logprob of token t+1 at column t, no grad, on CPU."""
-        return _batched_logprobs(self.model, batch, self.micro_batch_size)
+    def __init__(
+        self,
+        model_path: str,
+        micro_batch_size: int,
+        micro_batch_tokens: int | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(model_path, False, micro_batch_size, micro_batch_tokens, temperature)

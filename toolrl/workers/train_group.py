@@ -1,8 +1,10 @@
-"""The training group: one Ray actor per data-parallel rank, each a thin shell around Policy.
+"""The training groups: one Ray actor per data-parallel rank, each a thin shell around its roles.
 
 `TrainGroup` (driver side) starts `world_size` `TrainWorker` actors, has them form one
 torch.distributed group (gloo on CPU, NCCL when the actor sees a GPU), splits every batch
-across them by rows and gathers the results. All work is in `toolrl.workers.actor`.
+across them by rows and gathers the results. All work is in the role classes: `Policy` and
+`Reference` (toolrl.workers.actor), `Critic` (toolrl.workers.critic). A run has one group
+holding the policy, and the critic either beside it or in a second group of its own.
 
 Run `python -m pytest tests/integration/test_fsdp_actor.py -k ray` (needs `ray.init` first
 in real use; `toolrl.main` does that).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -19,21 +22,42 @@ import torch.distributed as dist
 from torch import Tensor
 
 from toolrl.algo.batch import TrainBatch
-from toolrl.algo.losses import LossConfig
+from toolrl.algo.losses import LossConfig, LossScale
 from toolrl.config import TrainGroupConfig
 from toolrl.workers.actor import OptimConfig, Policy, Reference
+from toolrl.workers.critic import Critic
+
+
+@dataclass(frozen=True)
+class PolicyRole:
+    """The trained policy (and, with `reference`, a frozen copy of its start) on a group."""
+
+    optim: OptimConfig
+    reference: bool = False
+    temperature: float = 1.0  # the rollout's: logits are scored divided by it
+
+
+@dataclass(frozen=True)
+class CriticRole:
+    """The value model on a group (toolrl.workers.critic)."""
+
+    path: str
+    fresh_head: bool  # True: a causal-LM folder whose new value head starts at 0
+    optim: OptimConfig
+    value_clip: float
 
 
 @ray.remote
 class TrainWorker:
-    """One rank: a Policy and, when kl_coef > 0, a Reference. Methods are collectives:
-    the group calls each one on every rank at once."""
+    """One rank holding some of the roles Policy, Reference, Critic (separate classes). Methods
+    are collectives: the group calls each one on every rank at once."""
 
     def __init__(self, rank: int, world_size: int, torch_threads: int) -> None:
         self.rank, self.world_size = rank, world_size
         torch.set_num_threads(torch_threads)
         self.policy: Policy | None = None
         self.reference: Reference | None = None
+        self.critic: Critic | None = None
 
     def address(self) -> tuple[str, int]:
         """Rank 0's rendezvous address: this node's IP and a port free right now."""
@@ -46,9 +70,9 @@ class TrainWorker:
         self,
         master: tuple[str, int],
         model_path: str,
-        optim: OptimConfig,
-        loss: LossConfig,
-        micro_batch_size: int,
+        cfg: TrainGroupConfig,
+        policy: PolicyRole | None,
+        critic: CriticRole | None,
     ) -> None:
         addr, port = master
         os.environ.update(
@@ -60,9 +84,15 @@ class TrainWorker:
         if torch.cuda.is_available():  # Ray shows each actor only its own GPU, as cuda:0
             torch.cuda.set_device(0)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        self.policy = Policy(model_path, optim, loss, micro_batch_size)
-        if loss.kl_coef > 0:
-            self.reference = Reference(model_path, micro_batch_size)
+        sizes = (cfg.micro_batch_size, cfg.micro_batch_tokens)
+        if policy is not None:
+            self.policy = Policy(model_path, policy.optim, *sizes, policy.temperature)
+            if policy.reference:
+                self.reference = Reference(model_path, *sizes, policy.temperature)
+        if critic is not None:
+            self.critic = Critic(
+                critic.path, critic.fresh_head, critic.optim, critic.value_clip, *sizes
+            )
 
     def logprobs(self, batch: TrainBatch) -> Tensor:
         return self.policy.logprobs(batch)
@@ -70,8 +100,14 @@ class TrainWorker:
     def ref_logprobs(self, batch: TrainBatch) -> Tensor:
         return self.reference.logprobs(batch)
 
-    def update(self, batch: TrainBatch, num_tokens: float) -> dict[str, float]:
-        return self.policy.update(batch, num_tokens)
+    def values(self, batch: TrainBatch) -> Tensor:
+        return self.critic.values(batch)
+
+    def update(self, batch: TrainBatch, scale: LossScale, loss: LossConfig) -> dict[str, float]:
+        return self.policy.update(batch, scale, loss)
+
+    def update_critic(self, batch: TrainBatch, scale: LossScale) -> dict[str, float]:
+        return self.critic.update(batch, scale)
 
     def state_dict_bytes(self) -> bytes | None:
         return self.policy.state_dict_bytes()
@@ -84,20 +120,29 @@ class TrainWorker:
 
 
 class TrainGroup:
-    """Driver-side handle on the ranks; every call fans out to all of them and waits."""
+    """Driver-side handle on the ranks; every call fans out to all of them and waits.
+
+    A group holds the policy (with its reference when `policy.reference`), the critic, or
+    both; the trainer asks `toolrl.algo.algorithm.Algorithm` which it needs.
+    """
 
     def __init__(
-        self, cfg: TrainGroupConfig, model_path: str, optim: OptimConfig, loss: LossConfig
+        self,
+        cfg: TrainGroupConfig,
+        model_path: str,
+        policy: PolicyRole | None = None,
+        critic: CriticRole | None = None,
     ) -> None:
-        self.cfg, self.has_reference = cfg, loss.kl_coef > 0
+        self.cfg = cfg
+        self.has_reference = policy is not None and policy.reference
+        self.has_critic = critic is not None
         options = {"num_cpus": cfg.num_cpus_per_worker, "num_gpus": cfg.num_gpus_per_worker}
         self.workers = [
             TrainWorker.options(**options).remote(rank, cfg.world_size, cfg.torch_threads)
             for rank in range(cfg.world_size)
         ]
         master = ray.get(self.workers[0].address.remote())
-        args = (master, model_path, optim, loss, cfg.micro_batch_size)
-        ray.get([w.setup.remote(*args) for w in self.workers])
+        ray.get([w.setup.remote(master, model_path, cfg, policy, critic) for w in self.workers])
 
     def _per_rank(self, method: str, batch: TrainBatch, *args: object) -> list:
         """Rank r gets rows batch.split(world_size)[r]; results come back in rank order."""
@@ -111,13 +156,25 @@ class TrainGroup:
         return torch.cat(self._per_rank("logprobs", batch))
 
     def ref_logprobs(self, batch: TrainBatch) -> Tensor | None:
-        """[B, T] reference logprobs, or None when there is no reference (kl_coef == 0)."""
+        """[B, T] reference logprobs, or None when this group holds no reference."""
         return torch.cat(self._per_rank("ref_logprobs", batch)) if self.has_reference else None
 
-    def update(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on the whole batch; equals a single-process token-mean step."""
-        results = self._per_rank("update", batch, float(batch.num_tokens))
-        # Policy.update already reduces over ranks, so this mean only folds identical copies.
+    def values(self, batch: TrainBatch) -> Tensor:
+        """[B, T] the critic's value before token t+1 at column t."""
+        return torch.cat(self._per_rank("values", batch))
+
+    def update(self, batch: TrainBatch, loss: LossConfig) -> dict[str, float]:
+        """One policy optimizer step on the whole batch with the algorithm's loss settings;
+        equals a single-process step."""
+        return self._fold(self._per_rank("update", batch, LossScale.of(batch), loss))
+
+    def update_critic(self, batch: TrainBatch) -> dict[str, float]:
+        """One critic optimizer step on the whole batch (values, returns set)."""
+        return self._fold(self._per_rank("update_critic", batch, LossScale.of(batch)))
+
+    @staticmethod
+    def _fold(results: list[dict[str, float]]) -> dict[str, float]:
+        # The ranks already reduce over each other, so this mean only folds identical copies.
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
     def weights(self) -> bytes:
