@@ -371,9 +371,7 @@ def validate(cfg: Config) -> None:
         f"{t.train_group.world_size} training ranks; lower it or raise trainer.prompts_per_step",
     )
     check(t.optim.lr > 0, "trainer.optim.lr", "must be > 0")
-    check(
-        t.train_group.micro_batch_size >= 1, "trainer.train_group.micro_batch_size", "must be >= 1"
-    )
+    check_micro_batches(t.train_group, "trainer.train_group")
     _check_samplers(cfg)
     from toolrl.algo.checks import check_algorithm  # no torch: the checks import no tensors
 
@@ -400,6 +398,16 @@ def validate(cfg: Config) -> None:
     _check_task(cfg.task, tool_names=list(cfg.tools))
     _check_reward(cfg.reward)
     check(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
+
+
+def check_micro_batches(group: TrainGroupConfig, where: str) -> None:
+    check(group.micro_batch_size >= 1, f"{where}.micro_batch_size", "must be >= 1")
+    tokens = group.micro_batch_tokens
+    check(
+        tokens is None or tokens >= 1,
+        f"{where}.micro_batch_tokens",
+        "must be >= 1 (a token budget per micro-batch), or null for micro_batch_size rows",
+    )
 
 
 # apply_chat_template's own parameters: a template kwarg of one of these names would clash.

@@ -132,7 +132,9 @@ class Trainer:
         if a.needs_critic:
             batch.values = self.critic.values(batch)
         metrics.update(a.prepare(batch, kept, rollout_logprobs))
-        for mb in batch.split(a.cfg.mini_batches):
+        # A batch shrunk by faults or dynamic sampling may have fewer rows than mini-batches.
+        parts = [mb for mb in batch.split(min(a.cfg.mini_batches, batch.size)) if mb.num_tokens]
+        for mb in parts:
             for k, v in self.train.update(mb, a.loss).items():
                 metrics[f"train/{k}"] = v  # the last mini-batch's values
             if a.needs_critic:

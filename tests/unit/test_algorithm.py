@@ -91,11 +91,13 @@ def test_token_rewards_turn_credit_and_outcome_on_last_sampled_columns() -> None
     assert got.tolist() == [_row({3: 0.5, 7: 1.0}), _row({1: -0.75}), _row({})]
 
 
-def test_token_rewards_skip_empty_turns() -> None:
+def test_token_rewards_credit_an_empty_turn_with_the_outcome() -> None:
     a = _tool_traj(credit=0.0)
     a.turns.append(Turn(9, 9, 0, "length", reward=3.0))  # a turn that sampled nothing
     got = token_rewards([a], [1.0], width=9)
-    assert got.tolist() == [_row({7: 1.0})]  # the outcome still on column 7, no credit placed
+    # no column of its own: its 3.0 joins the outcome 1.0 on the last sampled column, 7, so
+    # the token rewards still add up to the trajectory's total
+    assert got.tolist() == [_row({7: 4.0})]
 
 
 def test_inputs_place_rewards_penalty_kl_and_components() -> None:
@@ -322,14 +324,16 @@ def _gdpo_algo() -> Algorithm:
 GDPO_EXPECTED = [1.5**0.5, 0.0, 0.0, -(1.5**0.5)]
 
 
-def test_gdpo_through_prepare_when_rewards_are_float32_exact() -> None:
-    trajs = _gdpo_trajs()
-    for t in trajs:  # rewards that equal the float32 weighted sum exactly: no phantom credit
-        c = t.info["reward_components"]
-        t.reward = (torch.tensor([c["a"], c["b"]]) * 0.3).sum().item()
+def test_gdpo_keeps_an_environments_step_reward_that_no_component_gave() -> None:
+    # Two samples whose only reward is an environment's step credit on their turn (not a
+    # reward component, whose value is 0 for both): GDPO normalises it as one more component,
+    # so it gives what GRPO gives, +-1/sqrt(2), rather than dropping it.
+    trajs = [_short_traj(credit=c, reward=0.0) for c in (1.0, 0.0)]
+    for t in trajs:
+        t.info = {"reward_components": {"a": 0.0}, "reward_weights": {"a": 1.0}}
     batch = _batch(trajs)
     _gdpo_algo().prepare(batch, trajs, batch.old_logprobs.clone())
-    assert batch.advantages[:, 1].tolist() == pytest.approx(GDPO_EXPECTED, abs=1e-3)
+    assert batch.advantages[:, 1].tolist() == pytest.approx([0.5**0.5, -(0.5**0.5)], abs=1e-5)
 
 
 def test_gdpo_through_prepare_ignores_float_rounding_of_the_weighted_sum() -> None:

@@ -118,6 +118,10 @@ def test_training_temperature_other_than_one_is_allowed():
         (("algorithm=ppo", "algorithm.critic.path=/nonexistent"), "algorithm.critic.path"),
         (("algorithm=ppo", "algorithm.critic.value_clip=0"), "algorithm.critic.value_clip"),
         (("algorithm=dapo", "rollout.n=1"), "rollout.n"),
+        (("algorithm=ppo", "algorithm.advantages.lam=1.5"), "algorithm.advantages"),
+        (("algorithm=ppo", "algorithm.critic.group.micro_batch_size=0"), "critic.group.micro"),
+        (("trainer.train_group.micro_batch_tokens=0",), "trainer.train_group.micro_batch_tokens"),
+        (("algorithm=dapo", "algorithm.overlong_penalty=-1"), "algorithm.overlong_penalty"),
         (
             ("algorithm=ppo", "algorithm.critic.colocate=false", "ray.num_cpus=2"),
             "rollout.num_cpus_per_worker",  # its own group's CPUs count too

@@ -40,7 +40,9 @@ class AdvantageInputs:
     components: Tensor  # [N, K] each reward component's value (unweighted); K may be 0
     weights: Tensor  # [K] each component's weight in the total
     values: Tensor | None = None  # [N, T] critic values; only for estimators needing a critic
-    shaping: Tensor | None = None  # [N] the part of `rewards` no component gave (overlong)
+    # [N] the part of `rewards` no reward component gave: an environment's step rewards, the
+    # overlong penalty (GDPO normalises it as one more component)
+    shaping: Tensor | None = None
 
 
 class Estimator(Protocol):
@@ -160,7 +162,6 @@ class GroupNorm:
             for k, w in enumerate(x.weights.tolist())
         ]
         total = torch.stack(parts).sum(dim=0)  # [N]
-        # Shaping outside the reward stack (the overlong penalty) is one more component.
         if x.shaping is not None and x.shaping.abs().max() > 0:
             total = total + grpo_advantages(x.shaping, x.groups, self.eps, self.scale_by_std)
         adv = (total - total.mean()) / (total.std() + self.eps) if total.numel() > 1 else total
@@ -190,6 +191,10 @@ class ReinforcePP:
     group_baseline: bool = False
     needs_critic, token_level = False, True
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma is {self.gamma}; it must be in [0, 1]")
+
     @property
     def needs_groups(self) -> bool:
         return self.group_baseline
@@ -212,6 +217,10 @@ class GAE:
     lam: float = 0.95
     whiten: bool = True
     needs_critic, needs_groups, token_level = True, False, True
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"gamma {self.gamma} and lam {self.lam} must be in [0, 1]")
 
     def __call__(self, x: AdvantageInputs) -> tuple[Tensor, Tensor | None]:
         if x.values is None:

@@ -39,12 +39,16 @@ def token_rewards(trajs: list[Trajectory], outcome: list[float], width: int) -> 
     last one (columns as in algo/batch.py: token p is column p - 1)."""
     out = torch.zeros(len(trajs), width)
     for i, traj in enumerate(trajs):
+        spans = [t for t in traj.turns if t.end > t.start]
+        if not spans:
+            continue  # nothing sampled: no column to credit (and no token to train)
+        final = outcome[i]
         for turn in traj.turns:
-            if turn.end > turn.start and turn.reward:
+            if turn.end > turn.start:
                 out[i, turn.end - 2] += turn.reward
-        if traj.turns and any(t.end > t.start for t in traj.turns):
-            last = max(t.end for t in traj.turns if t.end > t.start)
-            out[i, last - 2] += outcome[i]
+            else:
+                final += turn.reward  # a turn that sampled nothing: credited with the outcome
+        out[i, max(t.end for t in spans) - 2] += final
     return out
 
 
@@ -130,16 +134,25 @@ class Algorithm:
         names = sorted({k for t in trajs for k in t.info.get("reward_components", {})})
         comps = [[t.info.get("reward_components", {}).get(k, 0.0) for k in names] for t in trajs]
         weights = {k: w for t in trajs for k, w in t.info.get("reward_weights", {}).items()}
+        w = [weights.get(k, 1.0) for k in names]
+        shaping = [_residual(r, c, w) for r, c in zip(rewards, comps, strict=True)]
         return AdvantageInputs(
             rewards=torch.tensor(rewards, dtype=torch.float32),
             groups=torch.tensor([t.prompt_id for t in trajs], dtype=torch.long),
             token_rewards=per_token,
             mask=mask,
             components=torch.tensor(comps, dtype=torch.float32).reshape(len(trajs), len(names)),
-            weights=torch.tensor([weights.get(k, 1.0) for k in names], dtype=torch.float32),
+            weights=torch.tensor(w, dtype=torch.float32),
             values=batch.values,
-            shaping=torch.tensor(penalty, dtype=torch.float32),
+            shaping=torch.tensor(shaping, dtype=torch.float32),
         )
+
+
+def _residual(reward: float, components: list[float], weights: list[float]) -> float:
+    """The part of a reward no component gave (an environment's step rewards, the overlong
+    penalty), in float64; what is left of rounding alone counts as 0."""
+    rest = reward - sum(w * c for w, c in zip(weights, components, strict=True))
+    return rest if abs(rest) > 1e-9 * max(1.0, abs(reward)) else 0.0
 
 
 def _totals(trajs: list[Trajectory]) -> Tensor:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import os
 
-from toolrl.config import Config, CriticConfig, build_target, check, resolve_target
+from toolrl.config import (
+    Config,
+    CriticConfig,
+    build_target,
+    check,
+    check_micro_batches,
+    resolve_target,
+)
 
 # The choices of string settings, here so that checking a config needs no torch.
 AGGREGATIONS = (
@@ -66,6 +73,7 @@ def check_algorithm(cfg: Config) -> bool:
         "algorithm.loss.kl_coef (KL as a loss term) instead",
     )
     check(a.max_sampling_rounds >= 1, "algorithm.max_sampling_rounds", "must be >= 1")
+    check(a.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
     check(
         0 <= a.overlong_buffer < r.max_total_tokens,
         "algorithm.overlong_buffer",
@@ -80,6 +88,7 @@ def check_critic(c: CriticConfig) -> None:
     check(c.value_clip > 0, "algorithm.critic.value_clip", "must be > 0")
     check(c.optim.lr > 0, "algorithm.critic.optim.lr", "must be > 0")
     check(c.group.world_size >= 1, "algorithm.critic.group.world_size", "must be >= 1")
+    check_micro_batches(c.group, "algorithm.critic.group")
     check(
         c.path is None or os.path.isfile(os.path.join(c.path, "config.json")),
         "algorithm.critic.path",

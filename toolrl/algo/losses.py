@@ -85,7 +85,7 @@ def mismatch_weights(
     """
     log_rho = log_rho.detach().clamp(-20.0, 20.0)
     rho = log_rho.exp()  # [B, T]
-    seq_keep = torch.ones(mask.shape[0], dtype=torch.bool)  # [B]
+    seq_keep = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)  # [B]
     if cfg.mode == "tis":
         w, cut = rho.clamp(max=cfg.high), rho > cfg.high
     elif cfg.mode == "icepop":

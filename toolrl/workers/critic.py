@@ -70,7 +70,9 @@ class Critic:
 
     def _values(self, mb: TrainBatch) -> Tensor:
         """[b, t] value at each column (0 at padding)."""
-        out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+        out = self.model(
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
+        ).logits
         return out.squeeze(-1).float() * mb.attention_mask
 
     def values(self, batch: TrainBatch) -> Tensor:
