@@ -97,10 +97,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
-def run_main(run_dir: Path, *overrides: str) -> list[dict]:
+def run_main(run_dir: Path, *overrides: str, timeout: float = 900) -> list[dict]:
     """Run `python -m toolrl.main` with these overrides into `run_dir`, assert it exits 0,
     and return the rows of its metrics.jsonl."""
     cmd = [sys.executable, "-m", "toolrl.main", *overrides, f"hydra.run.dir={run_dir}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -146,6 +146,7 @@ def test_ppo_learns_on_the_embedded_default(seed, tmp_path, embedded_model):
         "trainer.save_checkpoint=false",
         "logger.wandb_mode=disabled",
         "logger.progress_bar=false",
+        timeout=3600,
     )
     evals = [r["eval/reward"] for r in rows if "eval/reward" in r]
     assert evals[0] <= 0.5 and evals[-1] >= evals[0] + 0.25, evals
