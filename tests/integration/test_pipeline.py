@@ -33,7 +33,7 @@ from toolrl.tools.base import StatelessTool
 from toolrl.tools.calculator import CALCULATOR_SCHEMA
 from toolrl.workers.actor import OptimConfig
 from toolrl.workers.rollout import RolloutSpec, RolloutWorker
-from toolrl.workers.train_group import TrainGroup, TrainGroupConfig
+from toolrl.workers.train_group import PolicyRole, TrainGroup, TrainGroupConfig
 
 TOL = 1e-4
 
@@ -76,8 +76,7 @@ def setup(embedded_model):
     group = TrainGroup(
         TrainGroupConfig(world_size=2, micro_batch_size=16),
         embedded_model,
-        OptimConfig(lr=1e-3),
-        LossConfig(kl_coef=0.0),
+        PolicyRole(OptimConfig(lr=1e-3)),
     )
     yield runner, worker, recorder, group
     group.shutdown()
@@ -116,7 +115,7 @@ def test_token_exact_multi_turn_and_logprobs_match_before_and_after_a_push(setup
     max_diff, before = drift(group, batch)
     assert max_diff < TOL, f"rollout vs trainer logprobs differ by {max_diff}"
 
-    group.update(batch)
+    group.update(batch, LossConfig(kl_coef=0.0))
     runner.run(worker.load_weights(group.weights(), version=1))
     _, after = drift(group, batch)
     assert (after - before).abs()[batch.loss_mask.bool()].max() > 1e-3, "the update changed nothing"
@@ -235,7 +234,7 @@ def test_inline_tags_pause_on_streamed_ids_token_exact_and_logprobs_match(setup)
     tok, tool, spread = inline_rollout(runner, worker, recorder, SPREAD, seed_base=3000)
     assert check_inline(tok, tool, recorder, spread, SPREAD) >= 4
 
-    group.update(batch)
+    group.update(batch, LossConfig(kl_coef=0.0))
     version = max(u.weight_version for t in trajs for u in t.turns) + 1
     runner.run(worker.load_weights(group.weights(), version=version))
     tok, tool, after = inline_rollout(runner, worker, recorder, MERGED, seed_base=4000)
