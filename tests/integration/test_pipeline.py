@@ -73,16 +73,18 @@ def setup(embedded_model):
     recorder = RecordingEngine(worker.engine)
     worker.loop.engine = recorder
     ray.init(num_cpus=2, include_dashboard=False)
-    group = TrainGroup(
-        TrainGroupConfig(world_size=2, micro_batch_size=16),
-        embedded_model,
-        PolicyRole(OptimConfig(lr=1e-3)),
-    )
-    yield runner, worker, recorder, group
-    group.shutdown()
-    ray.shutdown()
-    worker.engine.shutdown()
-    runner.close()
+    try:  # a failed set-up must not leave a Ray session behind for the later test modules
+        group = TrainGroup(
+            TrainGroupConfig(world_size=2, micro_batch_size=16),
+            embedded_model,
+            PolicyRole(OptimConfig(lr=1e-3)),
+        )
+        yield runner, worker, recorder, group
+        group.shutdown()
+    finally:
+        ray.shutdown()
+        worker.engine.shutdown()
+        runner.close()
 
 
 def rollout(runner, worker, seed_base):
