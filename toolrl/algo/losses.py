@@ -134,7 +134,7 @@ def policy_loss(
         # old logprobs are the rollout's, so the ratio already carries rho = pi / pi_rollout:
         # the weight divides it out again (w / rho), keeping only truncation and masking.
         w, extra = mismatch_weights(logprobs - mb.old_logprobs, mask, cfg.mismatch)
-        per_token = per_token * w / log_ratio.detach().exp()
+        per_token = per_token * w / ratio.detach()
     kl_ref = torch.zeros_like(per_token)
     if cfg.kl_coef > 0:
         if mb.ref_logprobs is None:
