@@ -27,7 +27,6 @@ from toolrl.workers.actor import OptimConfig, Policy, Reference
 from toolrl.workers.critic import Critic
 
 VOCAB = 300
-PROBE = torch.tensor([[5, 17, 42, 99, 250, 3, 7, 11]])  # fixed input for logits comparisons
 
 
 def _free_port() -> int:
@@ -54,7 +53,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def _make_batch(model_dir: str, seed: int, n: int = 5) -> TrainBatch:
+def _make_batch(model_dir: str, seed: int, n: int = 5, with_old: bool = True) -> TrainBatch:
     """n trajectories: prompt, sampled turn, tool answer (mask 0), sampled turn; ragged lengths.
 
     Rollout logprobs are the model's own (on-policy), as vLLM would report them.
@@ -70,7 +69,8 @@ def _make_batch(model_dir: str, seed: int, n: int = 5) -> TrainBatch:
         trajs.append(traj)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.7][:n])
     batch = TrainBatch.from_trajectories(trajs, adv, pad_id=0)
-    batch.old_logprobs = _hf_logprobs(_hf_model(model_dir), batch) * batch.loss_mask
+    if with_old:
+        batch.old_logprobs = _hf_logprobs(_hf_model(model_dir), batch) * batch.loss_mask
     return batch
 
 
@@ -91,9 +91,10 @@ def _hf_logprobs(
     return torch.nn.functional.pad(lp, (0, 1)) * has_target
 
 
-def _probe_logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=PROBE).logits
+def _probe_logprobs(policy: Policy, model_dir: str) -> torch.Tensor:
+    """The sharded policy's scores of a fixed batch (its logits are not exposed: the lean
+    path computes the head only at sampled columns)."""
+    return policy.logprobs(_make_batch(model_dir, seed=7, with_old=False))
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -123,7 +124,7 @@ def _scenario_update(rank: int, world: int, port: int, model_dir: str, out: str)
     part = batch.split(world)[rank]
     torch.save(policy.logprobs(part), f"{out}/logprobs{rank}.pt")
     metrics = policy.update(part, LossScale.of(batch), LossConfig(kl_coef=0.0))
-    probe = _probe_logits(policy.model)
+    probe = _probe_logprobs(policy, model_dir)
     weights = policy.state_dict_bytes()
     policy.save_hf(f"{out}/hf", tokenizer_src=f"{out}/../tok")
     if rank == 0:
@@ -215,9 +216,9 @@ def test_sharded_logprobs_match_unsharded_hf(runs: dict[str, Path], model_dir: s
     sharded = torch.cat([torch.load(runs["w2"] / f"logprobs{r}.pt") for r in (0, 1)])
     assert sharded.shape == batch.input_ids.shape
     expected = _hf_logprobs(_hf_model(model_dir), batch)
-    real = batch.attention_mask[:, 1:].bool()  # columns with a real next token
-    assert torch.allclose(sharded[:, :-1][real], expected[:, :-1][real], atol=1e-5)
-    assert (sharded[:, :-1][~real] == 0).all() and (sharded[:, -1] == 0).all()
+    sampled = batch.loss_mask.bool()  # only sampled columns are scored (workers/scoring.py)
+    assert torch.allclose(sharded[sampled], expected[sampled], atol=1e-5)
+    assert (sharded[~sampled] == 0).all()
 
 
 def test_update_world2_equals_world1(runs: dict[str, Path], model_dir: str) -> None:
@@ -239,17 +240,23 @@ def test_update_world2_equals_world1(runs: dict[str, Path], model_dir: str) -> N
 
 def test_weights_bytes_and_save_hf_load_into_hf(runs: dict[str, Path], model_dir: str) -> None:
     probe = torch.load(runs["w2"] / "probe.pt")
+    probe_batch = _make_batch(model_dir, seed=7, with_old=False)
     fresh = Qwen2ForCausalLM(_hf_model(model_dir).config)
     state = safetensors.torch.load((runs["w2"] / "weights.safetensors").read_bytes())
     assert "lm_head.weight" not in state  # tied: HF and vLLM expect only the embedding
     result = fresh.load_state_dict(state, strict=False)
     assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys
     assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
-    assert torch.allclose(_probe_logits(fresh.eval()), probe, atol=1e-6)
+    mask = probe_batch.loss_mask
+    assert probe.abs().sum() > 0
+    assert torch.allclose(_hf_logprobs(fresh.eval(), probe_batch) * mask, probe, atol=1e-5)
     saved = runs["w2"] / "hf"
     assert (saved / "chat_template.jinja").read_text() == "{{ messages }}"
     assert (saved / "tokenizer_config.json").exists()
-    assert torch.allclose(_probe_logits(_hf_model(str(saved))), probe, atol=1e-6)
+    reloaded = _hf_logprobs(_hf_model(str(saved)), probe_batch) * mask
+    assert torch.allclose(reloaded, probe, atol=1e-5)
+    before = _hf_logprobs(_hf_model(model_dir), probe_batch) * mask
+    assert not torch.allclose(before, probe, atol=1e-5)  # the saved weights are the trained ones
     assert not any(p.name.startswith(".tmp-") for p in saved.parent.iterdir())
 
 
@@ -283,9 +290,11 @@ def test_logprobs_at_a_rollout_temperature_score_the_tempered_distribution(
 ) -> None:
     batch = torch.load(runs["root"] / "batch.pt", weights_only=False)
     hot = torch.cat([torch.load(runs["budget"] / f"hot{r}.pt") for r in range(2)])
-    expected = _hf_logprobs(_hf_model(model_dir), batch, temperature=0.7)
+    mask = batch.loss_mask
+    expected = _hf_logprobs(_hf_model(model_dir), batch, temperature=0.7) * mask
     assert torch.allclose(hot, expected, atol=1e-5)
-    assert not torch.allclose(hot, _hf_logprobs(_hf_model(model_dir), batch), atol=1e-2)
+    plain = _hf_logprobs(_hf_model(model_dir), batch) * mask
+    assert not torch.allclose(hot, plain, atol=1e-2)
 
 
 def test_critic_starts_at_zero_and_regresses_on_returns(runs: dict[str, Path]) -> None:
@@ -301,7 +310,7 @@ def test_ray_train_group_end_to_end(model_dir: str, tmp_path: Path) -> None:
     from toolrl.workers.train_group import PolicyRole, TrainGroup, TrainGroupConfig
 
     batch = _make_batch(model_dir, seed=2)
-    expected = _hf_logprobs(_hf_model(model_dir), batch)
+    expected = _hf_logprobs(_hf_model(model_dir), batch) * batch.loss_mask
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         cfg = TrainGroupConfig(world_size=2, micro_batch_size=2)
@@ -317,11 +326,12 @@ def test_ray_train_group_end_to_end(model_dir: str, tmp_path: Path) -> None:
         assert metrics["num_tokens"] == batch.num_tokens and metrics["grad_norm"] > 0
         fresh = Qwen2ForCausalLM(_hf_model(model_dir).config)
         fresh.load_state_dict(safetensors.torch.load(group.weights()), strict=False)
-        new_lp = _hf_logprobs(fresh.eval(), batch)
+        new_lp = _hf_logprobs(fresh.eval(), batch) * batch.loss_mask
         assert torch.allclose(group.logprobs(batch), new_lp, atol=1e-5)
         assert not torch.allclose(new_lp, expected, atol=1e-4)  # the update moved the policy
         group.save_hf(str(tmp_path / "ckpt"), tokenizer_src=None)
-        assert torch.allclose(_hf_logprobs(_hf_model(str(tmp_path / "ckpt")), batch), new_lp)
+        saved = _hf_logprobs(_hf_model(str(tmp_path / "ckpt")), batch) * batch.loss_mask
+        assert torch.allclose(saved, new_lp)
         assert group.update(batch.rows(0, 1), loss)["num_tokens"] == batch.rows(0, 1).num_tokens
         group.shutdown()
     finally:

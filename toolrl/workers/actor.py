@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 import safetensors.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -33,6 +32,7 @@ from transformers import AutoModelForCausalLM
 from toolrl.algo.batch import TrainBatch
 from toolrl.algo.losses import LossConfig, LossScale, policy_loss
 from toolrl.config import OptimConfig
+from toolrl.workers.scoring import ScoredLM
 
 # Files copied from `tokenizer_src` into a saved checkpoint so it loads as a full HF model.
 TOKENIZER_FILES = (
@@ -70,40 +70,10 @@ def train_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _load_sharded(model_path: str, device: torch.device, trainable: bool) -> nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    model.requires_grad_(trainable)
-    return shard_model(model, dist.get_world_size())
-
-
-def _token_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) at column t; 0 without a target. [b, t].
-
-    The logits are divided by the rollout's sampling temperature, so the trainer scores the
-    distribution the engine sampled from. With `with_entropy`, also that distribution's
-    entropy at each column ([b, t], with the gradient).
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, :-1].float()  # [b, t-1, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, 1:].unsqueeze(-1)  # [b, t-1, 1]
-    # gather - logsumexp avoids materialising a second [b, t-1, V] log_softmax tensor
-    lse = logits.logsumexp(dim=-1)  # [b, t-1]
-    lp = logits.gather(-1, targets).squeeze(-1) - lse
-    has_target = attention_mask[:, 1:]  # 0 where the next token is padding, not a target
-    lp = lp * has_target
-    entropy = None
-    if with_entropy:
-        entropy = (lse - (logits.softmax(dim=-1) * logits).sum(dim=-1)) * has_target
-        entropy = F.pad(entropy, (0, 1))
-    return F.pad(lp, (0, 1)), entropy
+def _load_sharded(model_path: str, device: torch.device, trainable: bool) -> ScoredLM:
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    lm.requires_grad_(trainable)
+    return shard_model(ScoredLM(lm), dist.get_world_size())
 
 
 def _empty_like(batch: TrainBatch) -> TrainBatch:
@@ -167,21 +137,24 @@ def clip_grads(model: nn.Module, grad_clip: float) -> float:
     return float(norm.item())
 
 
-def _full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Collective: the unsharded weights on rank 0 (CPU), {} elsewhere; keys as HF saves them.
+def _full_state_dict(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """Collective: the unsharded weights on rank 0 (CPU), {} elsewhere; keys as HF saves them
+    (with `prefix` cut off: a ScoredLM holds the HF model as `lm.`).
 
     HF checkpoints of tied models hold only the embedding (vLLM's loader skips lm_head then),
     and safetensors refuses two names for one tensor, so the tied lm_head.weight is dropped.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
+    state = {k.removeprefix(prefix): v.contiguous() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return {k: v.contiguous() for k, v in state.items()}
+    return state
 
 
 class _Scorer:
-    """A sharded causal LM that scores sampled tokens at the rollout's temperature."""
+    """A sharded causal LM that scores sampled tokens at the rollout's temperature (only the
+    sampled columns: see toolrl.workers.scoring)."""
 
     def __init__(
         self,
@@ -196,12 +169,13 @@ class _Scorer:
         self.temperature = temperature
 
     def logprobs(self, batch: TrainBatch) -> Tensor:
-        """[B, T] logprob of token t+1 at column t (see toolrl.algo.batch), no grad, on CPU."""
+        """[B, T] logprob of token t+1 at each sampled column t (see toolrl.algo.batch), 0 at
+        the others; no grad, on CPU."""
         return forward_rows(self._logprobs, batch, self.micro_batch_size, self.micro_batch_tokens)
 
     def _logprobs(self, mb: TrainBatch) -> Tensor:
         self.model.eval()
-        return _token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)[0]
+        return self.model.score(mb, self.temperature)[0]
 
 
 class Policy(_Scorer):
@@ -237,9 +211,7 @@ class Policy(_Scorer):
         entropy = loss_cfg.entropy_coef > 0
         for mb, _ in aligned_micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens):
             mb = mb.trimmed().to(device)
-            lp, ent = _token_logprobs(
-                self.model, mb.input_ids, mb.attention_mask, self.temperature, entropy
-            )
+            lp, ent = self.model.score(mb, self.temperature, entropy)
             loss, m = policy_loss(lp, mb, loss_cfg, scale, ent)
             # FSDP2 averages gradients over ranks; * world turns that mean back into the sum
             # over ranks, so the step equals one process's step on the full batch.
@@ -265,22 +237,23 @@ class Policy(_Scorer):
 
     def state_dict_bytes(self) -> bytes | None:
         """Collective. Full weights as safetensors bytes on rank 0 (HF key names); None elsewhere."""
-        state = _full_state_dict(self.model)
+        state = _full_state_dict(self.model, "lm.")
         if dist.get_rank() != 0:
             return None
         return safetensors.torch.save(state, metadata={"format": "pt"})
 
     def save_hf(self, out_dir: str, tokenizer_src: str | None) -> None:
         """Collective. Rank 0 writes a loadable HF checkpoint to out_dir, atomically."""
-        state = _full_state_dict(self.model)
+        state = _full_state_dict(self.model, "lm.")
         if dist.get_rank() == 0:
             out_dir = os.path.abspath(out_dir)
             os.makedirs(os.path.dirname(out_dir), exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint should not be
-            self.model.config.save_pretrained(tmp)
-            if self.model.generation_config is not None:
-                self.model.generation_config.save_pretrained(tmp)
+            lm = self.model.lm
+            lm.config.save_pretrained(tmp)
+            if lm.generation_config is not None:
+                lm.generation_config.save_pretrained(tmp)
             safetensors.torch.save_file(
                 state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"}
             )
