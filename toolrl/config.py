@@ -47,6 +47,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5  # GPU only
     enforce_eager: bool = True
     seed: int = 0
+    # KV block size in tokens (None: vLLM's default, 128 on CPU). The prefix cache reuses
+    # whole blocks only, so later turns of short trajectories hit it only with small blocks.
+    block_size: int | None = None
     # "processed_logprobs": log p(token | context) under the distribution sampled from, i.e.
     # log_softmax(logits / temperature) with top_p 1, what the trainer scores. Measured on
     # vLLM 0.32 CPU: bitwise equal to "raw_logprobs" (the model's own) at temperature 1.
@@ -133,6 +136,8 @@ class RolloutConfig:
     max_tool_output_tokens: int = 256  # a tool answer is cut to this many tokens, with a marker
     max_tool_calls: int | None = None  # per trajectory; later calls get an error answer
     reward_workers: int = 1  # processes per rollout worker scoring sync rewards
+    # trajectories one engine works on at once; the router holds back further prompt groups
+    max_inflight_per_worker: int = 256
     engine: EngineConfig = field(default_factory=EngineConfig)
     sampler: Target = field(
         default_factory=lambda: {"_target_": "toolrl.rollout.sampler.Sampler", "temperature": 1.0}
@@ -190,6 +195,9 @@ class TrainerConfig:
     train_group: TrainGroupConfig = field(default_factory=TrainGroupConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     save_checkpoint: bool = True
+    # 0: roll out, then update (on-policy). 1: the engines roll out batch k+1 with the weights
+    # before update k while it runs, so each batch is one update old (needs a mismatch mode).
+    max_staleness: int = 0
 
 
 @dataclass
@@ -371,6 +379,7 @@ def validate(cfg: Config) -> None:
         f"{t.train_group.world_size} training ranks; lower it or raise trainer.prompts_per_step",
     )
     check(t.optim.lr > 0, "trainer.optim.lr", "must be > 0")
+    _check_staleness(cfg)
     check_micro_batches(t.train_group, "trainer.train_group")
     _check_samplers(cfg)
     from toolrl.algo.checks import check_algorithm  # no torch: the checks import no tensors
@@ -398,6 +407,30 @@ def validate(cfg: Config) -> None:
     _check_task(cfg.task, tool_names=list(cfg.tools))
     _check_reward(cfg.reward)
     check(r.reward_workers >= 1, "rollout.reward_workers", "must be >= 1")
+    check(r.max_inflight_per_worker >= 1, "rollout.max_inflight_per_worker", "must be >= 1")
+
+
+def _check_staleness(cfg: Config) -> None:
+    t, a = cfg.trainer, cfg.algorithm
+    check(
+        t.max_staleness in (0, 1),
+        "trainer.max_staleness",
+        f"is {t.max_staleness}; use 0 (synchronous) or 1 (roll out the next batch during the update)",
+    )
+    if t.max_staleness == 0:
+        return
+    check(
+        a.loss.mismatch.mode != "none",
+        "algorithm.loss.mismatch.mode",
+        "is none, but trainer.max_staleness=1 samples with weights one update old; set it to "
+        "tis, icepop or seq-mask-tis so the loss corrects for that (or max_staleness=0)",
+    )
+    check(
+        not a.dynamic_sampling,
+        "algorithm.dynamic_sampling",
+        "refill rounds wait on their own rollouts and cannot overlap the update; "
+        "use trainer.max_staleness=0 with it",
+    )
 
 
 def check_micro_batches(group: TrainGroupConfig, where: str) -> None:
@@ -455,6 +488,12 @@ def _check_tool(where: str, spec: Target) -> None:
     against this machine in a static `preflight(**kwargs)` (the python tool: is bwrap here?)."""
     obj = resolve_target(where, spec)
     kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+    limit = kwargs.get("max_concurrency")
+    check(
+        limit is None or (isinstance(limit, int) and limit >= 1),
+        f"{where}.max_concurrency",
+        f"is {limit!r}; use calls at once per rollout worker (>= 1), or null for no limit",
+    )
     for key, value in kwargs.items():
         nested = value.values() if isinstance(value, dict) and "_target_" not in value else [value]
         for i, item in enumerate(nested):

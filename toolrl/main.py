@@ -74,7 +74,13 @@ def run(cfg: Config) -> dict[str, Any]:
     try:
         chat_template = read_chat_template(cfg.model.chat_template)
         spec = rollout_spec(cfg, model_path, chat_template)
-        rollout = RolloutGroup(spec, r.num_workers, r.num_cpus_per_worker, r.num_gpus_per_worker)
+        rollout = RolloutGroup(
+            spec,
+            r.num_workers,
+            r.num_cpus_per_worker,
+            r.num_gpus_per_worker,
+            r.max_inflight_per_worker,
+        )
         algorithm = Algorithm(cfg.algorithm, r.max_total_tokens)
         train, critic = train_groups(cfg, algorithm, model_path)
         logger = MetricsLogger(

@@ -20,6 +20,23 @@ from typing import Any
 from toolrl.rollout.trajectory import Trajectory
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and every live process it started (a local
+    Ray cluster's raylet, actors and vLLM engines), so far. On a joined cluster (ray.address
+    set) only this node's driver side is seen."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:  # exited while we looked
+            pass
+    return total
+
+
 def rollout_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
     """Means over a batch: reward, lengths, turns, tool calls and errors, infra failures."""
     if not trajs:
@@ -39,7 +56,21 @@ def rollout_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
         ),
         f"{prefix}/infra_errors": mean(t.infra_error is not None for t in trajs),
         **reward_metrics(trajs, prefix),
+        **prefix_cache_metrics(trajs, prefix),
     }
+
+
+def prefix_cache_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
+    """Per turn k, the fraction of the turns' context tokens the engine read from its prefix
+    cache (turn 0: the prompt, shared by a group's samples; later turns: the trajectory so
+    far, which the previous turn computed)."""
+    out = {}
+    for k in range(max((len(t.turns) for t in trajs), default=0)):
+        turns = [t.turns[k] for t in trajs if len(t.turns) > k]
+        context = sum(u.start for u in turns)
+        if context:
+            out[f"{prefix}/prefix_hit_turn{k}"] = sum(u.cached_tokens for u in turns) / context
+    return out
 
 
 def reward_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:

@@ -9,6 +9,10 @@
         train.update(batch); critic.update_critic(batch)       # FSDP2 policy / value losses
         rollout_group.load_weights(train.weights())            # engines sample the new policy
 
+With trainer.max_staleness=1 the engines roll out batch k+1 (with the weights before
+update k) while update k runs: push w_k, start rollout k+1, update on batch k, collect
+rollout k+1. Each batch is then one update old; the loss's mismatch correction weighs it.
+
 The trainer does not know which algorithm, tools or task it runs: those come from config.
 Run it through `python -m toolrl.main` (see README.md).
 """
@@ -16,6 +20,7 @@ Run it through `python -m toolrl.main` (see README.md).
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,7 @@ from toolrl.algo.algorithm import Algorithm
 from toolrl.algo.batch import TrainBatch
 from toolrl.config import Config
 from toolrl.data.order import PromptOrder
-from toolrl.metrics import MetricsLogger, rollout_metrics
+from toolrl.metrics import MetricsLogger, cpu_seconds, rollout_metrics
 from toolrl.rollout.agent_loop import Episode
 from toolrl.rollout.trajectory import Trajectory
 from toolrl.workers.rollout import RolloutGroup
@@ -53,19 +58,20 @@ class Trainer:
         self.train_prompts = task.prompts("train")
         self.eval_prompts = task.prompts("eval")[: cfg.trainer.eval_prompts]
         self.order = PromptOrder(len(self.train_prompts), cfg.trainer.seed)  # resumable
+        self.next_rollout: Future | None = None  # max_staleness=1: the batch being rolled out
+        self.engine_version = 0  # updates reflected in the engines' weights
 
     def fit(self) -> dict[str, Any]:
         """Train for trainer.total_steps; returns the last metrics, the final eval and the checkpoint."""
         t = self.cfg.trainer
         last: dict[str, Any] = {}
         for step in range(t.total_steps):
-            metrics: dict[str, float] = {}
-            if t.eval_every and step % t.eval_every == 0 or step == 0:
-                metrics.update(self.evaluate())
-            metrics.update(self.step(step))
+            evaluate = t.eval_every and step % t.eval_every == 0 or step == 0
+            metrics = self.step(step, bool(evaluate))
             self.logger.log(step, metrics)
             self.logger.advance()
             last = metrics
+        self._push_weights(t.total_steps)
         final = self.evaluate()
         self.logger.log(t.total_steps, final)
         last = {**last, **final}
@@ -95,28 +101,63 @@ class Trainer:
         ]
         return rollout_metrics(self.rollout.rollout(eps, evaluate=True), "eval")
 
-    def step(self, step: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        trajs, kept, metrics = self._rollout(step)
-        t1 = time.perf_counter()
+    def step(self, step: int, evaluate: bool = False) -> dict[str, float]:
+        """One step: (evaluate,) roll out, update. The engines evaluate and sample with the
+        weights of `step` updates, except that with max_staleness=1 batch `step` was sampled
+        before update step-1 finished."""
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
+        metrics: dict[str, float] = {}
+        eval_s = 0.0
+        if self.cfg.trainer.max_staleness == 0:
+            if evaluate:
+                metrics.update(self.evaluate())
+                eval_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            trajs, kept, rollout_m = self._rollout(step)
+            rollout_s = busy_s = time.perf_counter() - t1
+        else:
+            pending = self.next_rollout or self.rollout.start(self._train_episodes(step))
+            trajs, kept, rollout_m = self._collect(pending.result())
+            rollout_s = time.perf_counter() - t0  # only the part the update did not hide
+            busy_s = self.rollout.last_rollout_s  # its own duration, mostly hidden
+            metrics.update(self._push_weights(step))
+            if evaluate:
+                t1 = time.perf_counter()
+                metrics.update(self.evaluate())
+                eval_s = time.perf_counter() - t1
+            self.next_rollout = None
+            if step + 1 < self.cfg.trainer.total_steps:
+                self.next_rollout = self.rollout.start(self._train_episodes(step + 1))
+        t2 = time.perf_counter()
+        metrics.update(rollout_m)
+        metrics.update(staleness(kept, step))
         batch = TrainBatch.from_trajectories(kept, None, self.pad_id)
         # Nothing to learn from when every sample was a fault or no group had signal.
         if batch.num_tokens > 0:
             metrics.update(self._update(batch, kept))
-        t2 = time.perf_counter()
-        self.rollout.load_weights(self.train.weights(), version=step + 1)
         t3 = time.perf_counter()
+        if self.cfg.trainer.max_staleness == 0:
+            metrics.update(self._push_weights(step + 1))
         sampled = sum(sum(tr.loss_mask) for tr in trajs)
         metrics.update(
             {
-                "time/rollout_s": t1 - t0,
-                "time/train_s": t2 - t1,
-                "time/weight_sync_s": t3 - t2,
-                "time/step_s": t3 - t0,
-                "perf/rollout_tokens_per_s": sampled / max(t1 - t0, 1e-9),
+                "time/rollout_s": rollout_s,  # what the trainer waited for the batch
+                "time/train_s": t3 - t2,
+                "time/step_s": time.perf_counter() - t0 - eval_s,
+                "time/cpu_s": cpu_seconds() - cpu0,  # this run's processes on this node
+                "perf/rollout_tokens_per_s": sampled / max(busy_s, 1e-9),
             }
         )
         return metrics
+
+    def _push_weights(self, version: int) -> dict[str, float]:
+        """Load the policy's current weights (after `version` updates) into the engines."""
+        if version == self.engine_version:
+            return {}
+        t0 = time.perf_counter()
+        self.rollout.load_weights_from(self.train, version)
+        self.engine_version = version
+        return {"time/weight_sync_s": time.perf_counter() - t0}
 
     def _update(self, batch: TrainBatch, kept: list[Trajectory]) -> dict[str, float]:
         """Score the batch with what the algorithm needs, set its advantages, and take one
@@ -146,7 +187,9 @@ class Trainer:
         the loss; with dynamic sampling, more prompts are rolled out until the batch holds
         prompts_per_step groups with signal or max_sampling_rounds rollouts were made."""
         a, want = self.algorithm, self.cfg.trainer.prompts_per_step
-        rounds = a.cfg.max_sampling_rounds if a.cfg.dynamic_sampling else 1
+        if not a.cfg.dynamic_sampling:
+            return self._collect(self.rollout.rollout(self._train_episodes(step)))
+        rounds = a.cfg.max_sampling_rounds
         trajs: list[Trajectory] = []
         kept: list[Trajectory] = []
         groups = 0
@@ -159,9 +202,25 @@ class Trainer:
             if groups >= want:
                 break
         metrics = rollout_metrics(trajs, "train")
-        if a.cfg.dynamic_sampling:
-            metrics |= {"train/sampling_rounds": r + 1, "train/groups_kept": groups}
+        metrics |= {"train/sampling_rounds": r + 1, "train/groups_kept": groups}
         return trajs, kept, metrics
+
+    def _collect(
+        self, trajs: list[Trajectory]
+    ) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
+        """(every trajectory, those to train on, metrics) of one rollout without refills."""
+        ok = [tr for tr in trajs if tr.infra_error is None]
+        kept, _ = self.algorithm.select_groups(ok, self.cfg.trainer.prompts_per_step)
+        return trajs, kept, rollout_metrics(trajs, "train")
+
+
+def staleness(trajs: list[Trajectory], step: int) -> dict[str, float]:
+    """How many updates behind the policy being trained (`step` updates) the sampled turns'
+    weights are: mean and max over turns."""
+    lags = [step - turn.weight_version for tr in trajs for turn in tr.turns]
+    if not lags:
+        return {}
+    return {"train/staleness_mean": sum(lags) / len(lags), "train/staleness_max": max(lags)}
 
 
 def logprob_drift(

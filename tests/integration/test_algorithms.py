@@ -52,7 +52,7 @@ def groups(embedded_model: str, tmp_path_factory: pytest.TempPathFactory):
         ray.shutdown()
 
 
-def _one_step(groups, embedded_model: str, tmp_path: Path, *overrides: str, own_critic=False):
+def _trainer(groups, embedded_model: str, tmp_path: Path, *overrides: str, own_critic=False):
     from transformers import AutoTokenizer
 
     from toolrl.algo.algorithm import Algorithm
@@ -75,6 +75,13 @@ def _one_step(groups, embedded_model: str, tmp_path: Path, *overrides: str, own_
         tokenizer.pad_token_id,
         embedded_model,
         critic=own if own_critic else train,
+    )
+    return trainer, algorithm, logger
+
+
+def _one_step(groups, embedded_model: str, tmp_path: Path, *overrides: str, own_critic=False):
+    trainer, algorithm, logger = _trainer(
+        groups, embedded_model, tmp_path, *overrides, own_critic=own_critic
     )
     metrics = trainer.step(0)
     logger.close()
@@ -129,6 +136,35 @@ def test_algorithm_takes_a_training_step(case, groups, embedded_model, tmp_path)
         assert "rollout/logprob_diff_max" not in m  # no recompute pass
     else:
         assert m["rollout/logprob_diff_max"] < 1e-3
+
+
+def test_overlapped_steps_train_on_batches_one_update_old(groups, embedded_model, tmp_path):
+    """max_staleness=1: batch k+1 is rolled out during update k with the weights before it;
+    every turn records the version that sampled it, and none is more than one update old."""
+    rollout, train, _ = groups
+    rollout.load_weights(train.weights(), version=0)  # the shared engines: start in step
+    overrides = ("trainer.max_staleness=1", "algorithm.loss.mismatch.mode=tis")
+    trainer, _, logger = _trainer(
+        groups, embedded_model, tmp_path, *overrides, "trainer.total_steps=3"
+    )
+    seen = []
+    real_update = trainer._update
+
+    def update(batch, kept):  # what each update trains on, and what is in flight meanwhile
+        seen.append(({t.weight_version for tr in kept for t in tr.turns}, trainer.next_rollout))
+        return real_update(batch, kept)
+
+    trainer._update = update
+    metrics = [trainer.step(k) for k in range(3)]
+    logger.close()
+    assert [versions for versions, _ in seen] == [{0}, {0}, {1}]
+    assert [m["train/staleness_max"] for m in metrics] == [0, 1, 1]
+    assert seen[0][1] is not None and seen[1][1] is not None  # the next rollout was running
+    assert seen[2][1] is None and trainer.next_rollout is None  # no rollout past the end
+    assert "time/weight_sync_s" in metrics[1] and trainer.engine_version == 2
+    for m in metrics[1:]:  # one update old: the correction sees rho != 1, and stays near it
+        assert m["train/mismatch/rho_mean"] == pytest.approx(1.0, abs=0.05)
+        assert math.isfinite(m["train/loss"])
 
 
 @pytest.mark.slow

@@ -38,7 +38,8 @@ def runner() -> Iterator[asyncio.Runner]:
 @pytest.fixture(scope="module")
 def engine(runner: asyncio.Runner, tiny_model_dir: Path) -> Iterator[VLLMEngine]:
     async def build() -> VLLMEngine:
-        return VLLMEngine(EngineConfig(model_path=str(tiny_model_dir), seed=0))
+        # 32-token blocks (vLLM-CPU's smallest): the prefix cache test needs hits on short contexts
+        return VLLMEngine(EngineConfig(model_path=str(tiny_model_dir), seed=0, block_size=32))
 
     ENV_AROUND_START["before"] = {k: os.environ.get(k) for k in WATCHED_ENV}
     start = time.perf_counter()
@@ -371,6 +372,23 @@ def test_load_weights_changes_generations(runner, engine, hf_model):
     for a, b in zip(before, restored, strict=True):
         assert a.token_ids == b.token_ids
         assert a.logprobs == pytest.approx(b.logprobs, abs=TOL)
+
+
+def test_a_later_turn_reads_its_context_from_the_prefix_cache(runner, engine, hf_model):
+    """Turn 2's context is turn 1's context + its sampled ids + a tool answer: every whole
+    32-token block turn 1 computed is read back, not recomputed, and gives the same logprobs.
+    After a weight load the cache is empty (its KV came from other weights)."""
+    context = list(range(40, 140))  # 100 tokens: not a prefix of any other test's prompt
+    first = gen(runner, engine, context, max_new_tokens=40, seed=3)
+    assert first.cached_tokens == 0
+    later = context + first.token_ids + list(range(200, 210))
+    second = gen(runner, engine, later, max_new_tokens=8, seed=4)
+    computed = len(context) + len(first.token_ids) - 1  # the last sampled id has no KV yet
+    assert second.cached_tokens == computed // 32 * 32 >= 96
+    assert_matches_hf(hf_model, later, second)
+    state = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    runner.run(engine.load_weights(pack_state_dict(state), version=engine.version + 1))
+    assert gen(runner, engine, later, max_new_tokens=8, seed=4).cached_tokens == 0
 
 
 def test_engine_in_ray_async_actor(runner, engine, tiny_model_dir, hf_model):

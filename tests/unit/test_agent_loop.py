@@ -383,3 +383,36 @@ def test_a_row_offers_only_its_own_tools(tok):
     assert tools["rec"].log == []  # never opened nor called
     everything = asyncio.run(loop.run(episode(0, "Hi", "x", 1), Sampler()))
     assert '"name": "rec"' in tok.decode(everything.token_ids[: everything.prompt_len])
+
+
+class Gate(StatelessTool):
+    """A tool that takes `delay` seconds a call and records how many calls ran at once."""
+
+    name = "rec"
+
+    def __init__(self, delay: float, max_concurrency: int | None):
+        self.delay, self.max_concurrency = delay, max_concurrency
+        self.running = self.peak = 0
+
+    def schema(self):
+        return {"type": "function", "function": {"name": "rec", "parameters": {"type": "object"}}}
+
+    async def call(self, key, arguments):
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await asyncio.sleep(self.delay)
+        self.running -= 1
+        return "done", True
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_a_tool_declaring_max_concurrency_gets_that_many_calls_at_once(tok, limit):
+    """Eight trajectories call at once; a limit of 2 queues the rest, and the queueing does not
+    count towards the call timeout (4 rounds x 0.1 s > the 0.25 s timeout)."""
+    gate = Gate(0.1, limit)
+    script = replies(call("1", name="rec") + "<|im_end|>", "42<|im_end|>")
+    loop, _, _ = make_loop(tok, script, tools={"rec": gate}, tool_timeout_s=0.25)
+    eps = [episode(i, "q", "42", seed=i) for i in range(8)]
+    trajs = asyncio.run(loop.run_many(eps, Sampler(max_new_tokens=64)))
+    assert gate.peak == (8 if limit is None else 2)
+    assert all(t.reward == 1.0 and t.num_tool_calls == 1 and t.num_tool_errors == 0 for t in trajs)

@@ -107,6 +107,10 @@ def test_validation_names_the_key(override, key):
         validate(load(*override.split()))
 
 
+def test_overlapped_training_validates_with_a_mismatch_correction():
+    validate(load("trainer.max_staleness=1", "algorithm.loss.mismatch.mode=tis"))
+
+
 def test_training_temperature_other_than_one_is_allowed():
     validate(load("rollout.sampler.temperature=0.7"))  # the trainer divides logits by it
 
@@ -122,6 +126,14 @@ def test_training_temperature_other_than_one_is_allowed():
         (("algorithm=ppo", "algorithm.critic.group.micro_batch_size=0"), "critic.group.micro"),
         (("trainer.train_group.micro_batch_tokens=0",), "trainer.train_group.micro_batch_tokens"),
         (("algorithm=dapo", "algorithm.overlong_penalty=-1"), "algorithm.overlong_penalty"),
+        (("trainer.max_staleness=2",), "trainer.max_staleness"),
+        (("trainer.max_staleness=1",), "algorithm.loss.mismatch.mode"),  # stale: correct it
+        (
+            ("algorithm=dapo", "trainer.max_staleness=1", "algorithm.loss.mismatch.mode=tis"),
+            "algorithm.dynamic_sampling",
+        ),
+        (("rollout.max_inflight_per_worker=0",), "rollout.max_inflight_per_worker"),
+        (("tools=search", "tools.search.max_concurrency=0"), "tools.search.max_concurrency"),
         (
             ("algorithm=ppo", "algorithm.critic.colocate=false", "ray.num_cpus=2"),
             "rollout.num_cpus_per_worker",  # its own group's CPUs count too

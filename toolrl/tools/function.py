@@ -196,7 +196,13 @@ def to_text(value: Any) -> str:
 class FunctionTool(StatelessTool):
     """A Python function the model can call; `call` returns (text, ok)."""
 
-    def __init__(self, fn: str | Callable[..., Any], name: str | None = None) -> None:
+    def __init__(
+        self,
+        fn: str | Callable[..., Any],
+        name: str | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
+        self.max_concurrency = max_concurrency  # calls at once per worker; None: no limit
         self.fn = resolve_callable(fn)
         self.name = name or getattr(self.fn, "__name__", "function")
         self._signature = inspect.signature(self.fn)

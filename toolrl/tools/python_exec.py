@@ -58,8 +58,10 @@ class PythonTool:
         max_code_chars: int = 20_000,
         expose: dict[str, Tool] | None = None,
         sandbox: SandboxConfig | dict[str, Any] | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
         cfg = _sandbox_config(sandbox)
+        self.max_concurrency = max_concurrency  # cells running at once on this worker
         self.cfg, self.timeout_s, self.max_code_chars = cfg, timeout_s, max_code_chars
         self.expose = dict(expose or {})
         self.pool = SandboxPool(cfg, pool_size, sorted(self.expose))

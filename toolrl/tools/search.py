@@ -200,8 +200,13 @@ class SearchTool(StatelessTool):
     name: ClassVar[str] = "search"
 
     def __init__(
-        self, retriever: Retriever | Mapping[str, Any], top_k: int = 3, max_chars: int = 1500
+        self,
+        retriever: Retriever | Mapping[str, Any],
+        top_k: int = 3,
+        max_chars: int = 1500,
+        max_concurrency: int | None = None,  # searches at once per worker (the server's limit)
     ):
+        self.max_concurrency = max_concurrency
         if top_k < 1 or max_chars < len(TRUNCATION_MARKER) + 1:
             raise ValueError(f"top_k must be >= 1 and max_chars > {len(TRUNCATION_MARKER)}")
         if isinstance(retriever, Mapping) or not hasattr(retriever, "search"):

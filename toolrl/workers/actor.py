@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
@@ -52,15 +52,19 @@ def shard_model(model: nn.Module, world_size: int) -> nn.Module:
     """fully_shard each decoder layer (HF's `_no_split_modules`), then the root.
 
     The root group holds the embedding, final norm and lm_head, so a tied lm_head shares
-    its parameter with the embedding inside one group.
+    its parameter with the embedding inside one group. On GPU the layers compute in bfloat16
+    from float32 master weights (gradients reduced in float32); on CPU all is float32.
     """
     device_type = next(model.parameters()).device.type
     mesh = init_device_mesh(device_type, (world_size,))
+    mp = MixedPrecisionPolicy()
+    if device_type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     layer_types = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in layer_types:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -241,6 +245,27 @@ class Policy(_Scorer):
         if dist.get_rank() != 0:
             return None
         return safetensors.torch.save(state, metadata={"format": "pt"})
+
+    def write_weights(self) -> str | None:
+        """Collective. Rank 0 writes the full weights (HF key names) to a new safetensors file
+        in shared memory (/dev/shm, else the temp folder) and returns its path; None elsewhere,
+        and on rank 0 when the folder has no room for them."""
+        state = _full_state_dict(self.model, "lm.")
+        if dist.get_rank() != 0:
+            return None
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        stat = os.statvfs(shm)
+        if stat.f_bavail * stat.f_frsize < 1.1 * size:  # a container's small /dev/shm
+            return None
+        fd, path = tempfile.mkstemp(prefix="toolrl-weights-", suffix=".safetensors", dir=shm)
+        os.close(fd)
+        try:
+            safetensors.torch.save_file(state, path, metadata={"format": "pt"})
+        except BaseException:
+            os.unlink(path)
+            raise
+        return path
 
     def save_hf(self, out_dir: str, tokenizer_src: str | None) -> None:
         """Collective. Rank 0 writes a loadable HF checkpoint to out_dir, atomically."""

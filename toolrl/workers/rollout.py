@@ -3,13 +3,15 @@
 `RolloutWorker` is a plain class (tests drive it without Ray); the Ray actor is that same
 class wrapped by `ray.remote`. Its sampler, rollout protocol, tools, parser and rewards come
 from `_target_` entries in `conf/`, so a new tool, parser or protocol needs no code edit here.
-`RolloutGroup` is the driver's handle: it spreads episodes over the workers and pushes
-new weights into every engine after an update.
+`RolloutGroup` is the driver's handle: its router (toolrl.workers.router) hands prompt groups
+to the least loaded engine, and it pushes new weights into every engine after an update.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +26,7 @@ from toolrl.rollout.engine import EngineConfig, VLLMEngine
 from toolrl.rollout.protocols.base import RolloutProtocol
 from toolrl.rollout.text import PlainText
 from toolrl.rollout.trajectory import Trajectory
+from toolrl.workers.router import Router, approx_prompt_tokens, prompt_groups, schedule
 
 
 @dataclass
@@ -78,8 +81,15 @@ class RolloutWorker:
         await self.engine.load_weights(safetensors_bytes, version)
         self.loop.weight_version = version
 
+    async def load_weights_file(self, path: str, version: int) -> None:
+        await self.engine.load_weights_file(path, version)
+        self.loop.weight_version = version
+
     def ready(self) -> bool:
         return True
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def shutdown(self) -> None:
         self.rewards.close()
@@ -114,30 +124,77 @@ def build_protocol(
 
 
 class RolloutGroup:
-    """Driver-side handle over `num_workers` rollout actors."""
+    """Driver-side handle over `num_workers` rollout actors, with the router in front."""
 
     def __init__(
-        self, spec: RolloutSpec, num_workers: int, num_cpus: float, num_gpus: float = 0.0
+        self,
+        spec: RolloutSpec,
+        num_workers: int,
+        num_cpus: float,
+        num_gpus: float = 0.0,
+        max_inflight: int = 256,
     ) -> None:
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RolloutWorker)
         self.workers = [actor.remote(spec) for _ in range(num_workers)]
+        self.max_inflight = max_inflight
+        # what one sample may add: its turns' budgets, within the trajectory's token budget
+        max_new = int(spec.sampler.get("max_new_tokens", spec.loop.max_total_tokens))
+        self.budget = min(max_new * spec.loop.max_turns, spec.loop.max_total_tokens)
+        self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
+        self.last_rollout_s = 0.0
         ray.get([w.ready.remote() for w in self.workers])
 
     def rollout(self, episodes: list[Episode], evaluate: bool = False) -> list[Trajectory]:
-        # Contiguous chunks keep a prompt's samples on one engine, where its prefix is cached.
-        k = len(self.workers)
-        size = -(-len(episodes) // k)
-        chunks = [episodes[i * size : (i + 1) * size] for i in range(k)]
-        futures = [
-            w.rollout.remote(c, evaluate) for w, c in zip(self.workers, chunks, strict=True) if c
-        ]
-        return [t for part in ray.get(futures) for t in part]
+        """Roll out every episode; trajectories in the order of `episodes`."""
+        return self.start(episodes, evaluate).result()
+
+    def start(self, episodes: list[Episode], evaluate: bool = False) -> Future:
+        """Start rolling out and return at once; `.result()` gives what `rollout` returns."""
+        return self._dispatch.submit(self._run, episodes, evaluate)
+
+    def _run(self, episodes: list[Episode], evaluate: bool) -> list[Trajectory]:
+        start = time.perf_counter()
+        groups = prompt_groups(episodes, self.budget, approx_prompt_tokens)
+        router = Router(len(self.workers), self.max_inflight)
+        out: list[Trajectory | None] = [None] * len(episodes)
+
+        def submit(engine: int, group: Any) -> ray.ObjectRef:
+            return self.workers[engine].rollout.remote(group.episodes, evaluate)
+
+        def wait_one(handles: list[ray.ObjectRef]) -> ray.ObjectRef:
+            return ray.wait(handles, num_returns=1)[0][0]
+
+        for group, ref in schedule(groups, router, submit, wait_one):
+            for pos, traj in zip(group.positions, ray.get(ref), strict=True):
+                out[pos] = traj
+        self.last_rollout_s = time.perf_counter() - start  # its own duration, overlapped or not
+        return out  # type: ignore[return-value]
 
     def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
         ref = ray.put(safetensors_bytes)  # one copy in the object store, read by every worker
         ray.get([w.load_weights.remote(ref, version) for w in self.workers])
 
+    def load_weights_from(self, train: Any, version: int) -> str:
+        """Load the policy's current weights (a TrainGroup's) into every engine. When every
+        engine shares the node of the policy's rank 0, that rank writes one safetensors file
+        to shared memory and the engines read it: no copy through the object store and the
+        driver. Otherwise the bytes travel through the object store. Returns which way."""
+        if {ray.get(w.node_id.remote()) for w in self.workers} != {train.node_id()}:
+            self.load_weights(train.weights(), version)
+            return "object_store"
+        path = train.write_weights()
+        if path is None:  # no room in rank 0's shared memory for one more copy
+            self.load_weights(train.weights(), version)
+            return "object_store"
+        try:
+            ray.get([w.load_weights_file.remote(path, version) for w in self.workers])
+        finally:
+            train.remove_weights(path)
+        return "shared_memory"
+
     def shutdown(self) -> None:
+        # a rollout still in flight (an update failed mid-overlap) is dropped, not awaited
+        self._dispatch.shutdown(wait=False, cancel_futures=True)
         ray.get([w.shutdown.remote() for w in self.workers])  # stop vLLM's processes first
         for w in self.workers:
             ray.kill(w)

@@ -15,6 +15,8 @@ template glue. Three savings over one padded HF forward with full-vocabulary log
 
 A model whose logits are not `lm_head(last hidden state)` (soft-capping, logit scaling) is
 detected at load by comparing both on a probe input, and scored through HF's own forward.
+Likewise, packing is used only if a probe shows that a packed sequence scores as it does
+alone (an attention implementation or remote code that ignores reset positions does not).
 
 Run `python -m pytest tests/unit/test_scoring.py`.
 """
@@ -51,15 +53,15 @@ class Packed:
         return values.new_zeros(shape).index_put((self.rows, self.cols), values)
 
 
-def pack(mb: TrainBatch) -> Packed:
-    """Pack the micro-batch's rows (first-fit decreasing into rows of its longest length);
-    the scored columns are those with loss_mask > 0."""
+def pack(mb: TrainBatch, packing: bool = True) -> Packed:
+    """Pack the micro-batch's rows (first-fit decreasing into rows of its longest length;
+    one per row without `packing`); the scored columns are those with loss_mask > 0."""
     lengths = mb.attention_mask.sum(dim=1).tolist()
     width = max(max(lengths, default=1), 1)
     bins: list[list[int]] = []  # rows of the batch in each packed row, in order
     free: list[int] = []
     for i in sorted(range(mb.size), key=lambda i: -lengths[i]):
-        slot = next((r for r, f in enumerate(free) if lengths[i] <= f), None)
+        slot = next((r for r, f in enumerate(free) if lengths[i] <= f and packing), None)
         if slot is None:
             bins.append([])
             free.append(width)
@@ -151,17 +153,31 @@ def _plain_head(lm: nn.Module) -> bool:
     return torch.allclose(logits, head, atol=1e-5, rtol=1e-5)
 
 
+def _packing_isolates(lm: nn.Module) -> bool:
+    """True when a sequence packed behind another (reset position ids, no attention mask)
+    gets the logits it gets alone: the attention honours the packing."""
+    device = next(lm.parameters()).device
+    a = (torch.arange(5, device=device) * 31 + 7) % lm.config.vocab_size
+    b = (torch.arange(7, device=device) * 17 + 3) % lm.config.vocab_size
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).to(device)[None]
+    with torch.no_grad():
+        packed = lm(input_ids=torch.cat([a, b])[None], position_ids=positions, use_cache=False)
+        alone = lm(input_ids=b[None], use_cache=False)
+    return torch.allclose(packed.logits[0, 5:], alone.logits[0], atol=1e-4, rtol=1e-4)
+
+
 class ScoredLM(nn.Module):
     """A Hugging Face causal LM whose forward scores packed, scored columns: the root module
     that FSDP2 shards last, so the embedding, final norm and head are gathered for it.
 
-    state_dict keys carry the prefix `lm.` (see `hf_state_dict`)."""
+    state_dict keys carry the prefix `lm.` (toolrl.workers.actor cuts it off when saving)."""
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
         self.config = lm.config
         self.plain_head = _plain_head(lm)
+        self.packing = _packing_isolates(lm)
         self._no_split_modules = getattr(lm, "_no_split_modules", None)
 
     def forward(
@@ -179,9 +195,7 @@ class ScoredLM(nn.Module):
             hidden = self.lm.base_model(**kwargs).last_hidden_state  # [R, W, H]
             scored = hidden.flatten(0, 1)[index]  # [N, H]
             head = self.lm.get_output_embeddings()
-            return head_logprobs(
-                scored, head.weight, head.bias, targets, temperature, with_entropy
-            )
+            return head_logprobs(scored, head.weight, head.bias, targets, temperature, with_entropy)
         logits = self.lm(**kwargs).logits.flatten(0, 1)[index].float()  # [N, V]
         lp, ent = _logprobs_of(logits, targets, temperature, with_entropy)
         return lp, ent if with_entropy else None
@@ -192,7 +206,7 @@ class ScoredLM(nn.Module):
         """[B, T] logprob of token t+1 at each sampled column t of mb (0 elsewhere), and the
         entropy there when asked; with the gradient when enabled."""
         device = next(self.parameters()).device
-        p = pack(mb.to("cpu")).to(device)
+        p = pack(mb.to("cpu"), self.packing).to(device)
         lp, ent = self(p.input_ids, p.position_ids, p.index, p.targets, temperature, with_entropy)
         shape = mb.input_ids.shape
         return p.unpack(lp, shape), None if ent is None else p.unpack(ent, shape)

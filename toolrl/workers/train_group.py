@@ -112,6 +112,15 @@ class TrainWorker:
     def state_dict_bytes(self) -> bytes | None:
         return self.policy.state_dict_bytes()
 
+    def write_weights(self) -> str | None:
+        return self.policy.write_weights()
+
+    def remove_weights(self, path: str) -> None:
+        os.unlink(path)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def save_hf(self, out_dir: str, tokenizer_src: str | None) -> None:
         self.policy.save_hf(out_dir, tokenizer_src)
 
@@ -180,6 +189,18 @@ class TrainGroup:
     def weights(self) -> bytes:
         """Full weights as safetensors bytes (HF key names), gathered on rank 0."""
         return ray.get([w.state_dict_bytes.remote() for w in self.workers])[0]
+
+    def write_weights(self) -> str | None:
+        """Full weights written by rank 0 to a safetensors file in its node's shared memory;
+        returns the path (None: no room there). The caller removes it with `remove_weights`."""
+        return ray.get([w.write_weights.remote() for w in self.workers])[0]
+
+    def remove_weights(self, path: str) -> None:
+        ray.get(self.workers[0].remove_weights.remote(path))
+
+    def node_id(self) -> str:
+        """The Ray node of rank 0 (where write_weights puts its file)."""
+        return ray.get(self.workers[0].node_id.remote())
 
     def save_hf(self, out_dir: str, tokenizer_src: str | None) -> None:
         ray.get([w.save_hf.remote(out_dir, tokenizer_src) for w in self.workers])

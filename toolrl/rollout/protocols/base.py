@@ -30,6 +30,7 @@ past `max_tool_calls`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -95,8 +96,11 @@ class ToolCaller:
         key: str,
         limits: ToolLimits,
         truncate: Callable[[str, int], str],
+        slots: dict[str, asyncio.Semaphore] | None = None,
     ) -> None:
+        """slots: per tool name, the worker-wide semaphore of a tool with max_concurrency."""
         self.tools, self.key, self.limits, self.truncate = tools, key, limits, truncate
+        self.slots = slots or {}
         self.calls_made = 0
         self._opening: dict[str, asyncio.Future[None]] = {}
 
@@ -124,7 +128,8 @@ class ToolCaller:
         timeout = self.limits.timeout_s
         try:
             await self._open(call.name)
-            text, ok = await asyncio.wait_for(tool.call(self.key, call.arguments), timeout)
+            async with self.slots.get(call.name) or contextlib.nullcontext():
+                text, ok = await asyncio.wait_for(tool.call(self.key, call.arguments), timeout)
         except TimeoutError:
             return answer(f"Error: timed out after {timeout:g}s", False)
         except ToolInfraError:

@@ -1,0 +1,212 @@
+"""The default run's step, split into rollout, update and weight push: synchronous against
+overlapped (trainer.max_staleness=1), beside the train limit, all measured in one run.
+
+    python bench/step.py                           # 8 steps per mode on the embedded default
+    python bench/step.py --steps 12 trainer.train_group.world_size=1     # any overrides
+    python bench/step.py --from-run runs/2026-11-29/18-00-00   # a finished run's split only
+
+It runs the real job (Ray, vLLM, FSDP2) twice in this process, keeping every step's training
+batch; then, with Ray shut down, it times on those same batches in this one process (torch
+threads = cores):
+
+    limit  a bare forward + backward + AdamW step over the batch, packed, with the head only
+           at the scored tokens: what one pass of training over these tokens costs at least
+    full   the scoring path before the lean one (padded rows, float32 logits over the whole
+           vocabulary at every position), doing what the update does: old-logprob and
+           reference passes, then forward + backward per mini-batch, AdamW step each
+    lean   the same work through toolrl.workers.scoring (what the trainer now runs)
+
+Medians are over steps 1..S-1 (step 0 warms up). Step 0 and the last step also evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolrl.algo.batch import TrainBatch  # noqa: E402
+from toolrl.workers.scoring import ScoredLM, pack  # noqa: E402
+
+KEYS = ("time/step_s", "time/rollout_s", "time/train_s", "time/weight_sync_s", "time/cpu_s")
+
+
+def load_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from toolrl.config import register, to_config, validate
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = to_config(compose("config", overrides=overrides))
+    validate(cfg)
+    return cfg
+
+
+def run_job(overrides: list[str], run_dir: str) -> tuple[list[dict], list[list], str]:
+    """Run toolrl.main's job; returns (metrics per step, kept trajectories per step, model)."""
+    from toolrl import main, trainer
+
+    cfg = load_config(overrides)
+    cfg.run_dir = run_dir
+    kept_per_step: list[list] = []
+    real_update = trainer.Trainer._update
+
+    def update(self, batch, kept):  # keep what each step trains on
+        kept_per_step.append(kept)
+        return real_update(self, batch, kept)
+
+    trainer.Trainer._update = update
+    try:
+        main.run(cfg)
+    finally:
+        trainer.Trainer._update = real_update
+    rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    model = main.resolve_model(cfg.model.path, cfg.model.embedded_tool)
+    return [r for r in rows if "time/step_s" in r], kept_per_step, model
+
+
+def split(rows: list[dict]) -> dict[str, float]:
+    rows = rows[1:] or rows  # step 0 warms up
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in KEYS}
+
+
+def _full_logprobs(lm, mb: TrainBatch) -> torch.Tensor:
+    """The replaced path: padded rows, float32 logits over the vocabulary at every position."""
+    logits = lm(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1].float()
+    lp = logits.gather(-1, mb.input_ids[:, 1:, None])[..., 0] - logits.logsumexp(dim=-1)
+    return F.pad(lp * mb.attention_mask[:, 1:], (0, 1))
+
+
+def _lean_logprobs(scored: ScoredLM, mb: TrainBatch) -> torch.Tensor:
+    return scored.score(mb, 1.0)[0]
+
+
+def time_update(model_path: str, batch: TrainBatch, path: str, mini: int, micro: int) -> float:
+    """Seconds for what the trainer's update does on one process: old-logprob and reference
+    passes (no grad), then per mini-batch forward + backward (per micro-batch) + AdamW."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    scored = ScoredLM(lm)
+    fn = (
+        (lambda mb: _full_logprobs(lm, mb))
+        if path == "full"
+        else (lambda mb: _lean_logprobs(scored, mb))
+    )
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-6)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(2):  # pi_old and the reference
+            for mb in batch.micro_batches(micro):
+                fn(mb.trimmed())
+    for part in batch.split(mini):
+        opt.zero_grad()
+        for mb in part.micro_batches(micro):
+            mb = mb.trimmed()
+            loss = -(fn(mb) * mb.loss_mask).sum() / max(batch.num_tokens, 1)
+            loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def time_limit(model_path: str, batch: TrainBatch) -> float:
+    """One bare training pass over the batch: packed forward, head only at scored tokens,
+    backward, AdamW."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-6)
+    p = pack(batch)
+    t0 = time.perf_counter()
+    hidden = lm.base_model(input_ids=p.input_ids, position_ids=p.position_ids).last_hidden_state
+    logits = lm.get_output_embeddings()(hidden.flatten(0, 1)[p.index])  # [N, V]
+    lp = logits.gather(-1, p.targets[:, None])[:, 0] - logits.logsumexp(dim=-1)
+    (-lp.mean()).backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def batches_of(kept_per_step: list[list], pad_id: int) -> list[TrainBatch]:
+    out = []
+    for kept in kept_per_step:
+        b = TrainBatch.from_trajectories(kept, None, pad_id)
+        b.advantages = b.loss_mask.clone()
+        out.append(b)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--from-run", default=None, help="print a finished run's split and exit")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
+    args = ap.parse_args()
+    if args.from_run:
+        rows = [
+            json.loads(x) for x in Path(args.from_run, "metrics.jsonl").read_text().splitlines()
+        ]
+        print(json.dumps(split([r for r in rows if "time/step_s" in r]), indent=2))
+        return
+    cores = len(os.sched_getaffinity(0))
+    common = [
+        f"trainer.total_steps={args.steps}",
+        "trainer.eval_every=0",
+        "trainer.save_checkpoint=false",
+        "logger.wandb_mode=disabled",
+        "logger.progress_bar=false",
+        *args.overrides,
+    ]
+    modes = {
+        "sync": ["trainer.max_staleness=0"],
+        "overlap": ["trainer.max_staleness=1", "algorithm.loss.mismatch.mode=tis"],
+    }
+    results, kept = {}, None
+    for name, extra in modes.items():
+        with tempfile.TemporaryDirectory() as run_dir:
+            rows, kept_steps, model = run_job(common + extra, run_dir)
+        results[name] = split(rows)
+        kept = kept if kept is not None else kept_steps
+    cfg = load_config(common)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    torch.set_num_threads(cores)
+    batches = batches_of(kept, pad)[1:]
+    mini, micro = cfg.algorithm.mini_batches, cfg.trainer.train_group.micro_batch_size
+    time_limit(model, batches[0])  # warm-up
+    limit = statistics.median(time_limit(model, b) for b in batches)
+    full = statistics.median(time_update(model, b, "full", mini, micro) for b in batches)
+    lean = statistics.median(time_update(model, b, "lean", mini, micro) for b in batches)
+    s, o = results["sync"], results["overlap"]
+    ideal = max(s["time/rollout_s"], s["time/train_s"], s["time/cpu_s"] / cores)
+    print(f"cores {cores}; medians of steps 1..{args.steps - 1}; batches of the sync run")
+    print(f"{'mode':<10}" + "".join(f"{k.split('/')[1]:>16}" for k in KEYS))
+    for name, r in results.items():
+        print(f"{name:<10}" + "".join(f"{r[k]:>16.2f}" for k in KEYS))
+    print(f"train limit (1 process, {cores} threads, bare step):      {limit:.2f} s")
+    print(f"update, one process, full-vocabulary padded path:   {full:.2f} s")
+    print(f"update, one process, lean path:                     {lean:.2f} s")
+    print(f"ratio full / lean (same batches, same process):     {full / lean:.2f}")
+    print(f"ratio real update (Ray, FSDP2) / train limit:       {s['time/train_s'] / limit:.2f}")
+    print(f"ratio one-process lean update / train limit:        {lean / limit:.2f}")
+    print(f"overlap step / max(rollout, update, cpu/cores):     {o['time/step_s'] / ideal:.2f}")
+    print(
+        f"overlap step / sync step:                           {o['time/step_s'] / s['time/step_s']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
