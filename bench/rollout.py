@@ -9,7 +9,9 @@ The workload: trajectories in groups of 8 sharing a prompt of --prompt-tokens id
 tool call whose latency is drawn per call from a lognormal (sigma 1) with mean 0, 0.1 or 1 s,
 whose answer (16 ids) is appended. A bench-only protocol declares that call at the end of
 every segment (it does not parse text), so the real engine and loop run a fixed number of
-turns. Generated tokens per second of:
+turns: each segment is one plain engine call of --turn-tokens new ids, and the bench's engine
+wrapper reports it as ended by the model ("stop"), as a chat turn ending at its end-of-turn
+id would be. Generated tokens per second of:
 
     (a) limit   the same trajectories' tokens from one plain engine call each, no tools
     (b) toolrl  toolrl's AgentLoop: every trajectory advances on its own
@@ -72,9 +74,23 @@ class SleepTool(StatelessTool):
         return "ok", True
 
 
+class FixedTurnEngine:
+    """The real engine; a segment that reached its max_new_tokens counts as ended by the
+    model ("stop"), so the loop goes on to the tool as after an end-of-turn id."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    async def generate(self, token_ids, sampling, pause=None):
+        gen = await self.engine.generate(token_ids, sampling, pause)
+        if len(gen.token_ids) == sampling.max_new_tokens:
+            gen.finish_reason = "stop"
+        return gen
+
+
 @dataclass
 class FixedRun:
-    """A trajectory of the bench protocol: every segment ends after `turn_tokens` ids."""
+    """A trajectory of the bench protocol: every segment is `turn_tokens` ids."""
 
     prompt_ids: list[int]
     tools: ToolCaller
@@ -82,7 +98,7 @@ class FixedRun:
     stop_token_ids: tuple[int, ...] = ()
 
     def pause(self):
-        return lambda ids: self.turn_tokens if len(ids) >= self.turn_tokens else None
+        return None
 
     def read(self, turn, ids):
         return None
@@ -138,8 +154,9 @@ async def toolrl_loop(engine, eps, args, mean_s: float) -> tuple[float, int, lis
     tools = {"wait": SleepTool(mean_s, seed=1)}
     rewards = RewardRunner(RewardStack({"zero": {"_target_": f"{__name__}.zero"}}))
     cfg = LoopConfig(max_turns=args.turns, max_total_tokens=4096, tool_timeout_s=60.0)
-    loop = AgentLoop(engine, FixedTurns(args.turn_tokens), tools, rewards, cfg, lambda s, n: s)
-    sampler = Sampler(max_new_tokens=args.turn_tokens + 16)
+    protocol = FixedTurns(args.turn_tokens)
+    loop = AgentLoop(FixedTurnEngine(engine), protocol, tools, rewards, cfg, lambda s, n: s)
+    sampler = Sampler(max_new_tokens=args.turn_tokens)
     t0 = time.perf_counter()
     trajs = await loop.run_many(eps, sampler)
     wall = time.perf_counter() - t0
@@ -192,7 +209,7 @@ def main() -> None:
 
     async def run() -> None:
         cfg = EngineConfig(
-            model_path=model, max_model_len=2048, kv_cache_gib=2, block_size=args.block_size
+            model_path=model, max_model_len=1024, kv_cache_gib=2, block_size=args.block_size
         )
         engine = VLLMEngine(cfg)
         await limit(engine, eps[:8], 16)  # warm-up

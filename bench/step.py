@@ -78,8 +78,10 @@ def run_job(overrides: list[str], run_dir: str) -> tuple[list[dict], list[list],
 
 
 def split(rows: list[dict]) -> dict[str, float]:
-    rows = rows[1:] or rows  # step 0 warms up
-    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in KEYS}
+    """Median over steps 1.. (step 0 warms up) of every time/ key."""
+    rows = rows[1:] or rows
+    keys = sorted({k for r in rows for k in r if k.startswith("time/")} | set(KEYS))
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
 
 
 def _full_logprobs(lm, mb: TrainBatch) -> torch.Tensor:
@@ -196,6 +198,8 @@ def main() -> None:
     print(f"{'mode':<10}" + "".join(f"{k.split('/')[1]:>16}" for k in KEYS))
     for name, r in results.items():
         print(f"{name:<10}" + "".join(f"{r[k]:>16.2f}" for k in KEYS))
+    parts = [k for k in s if k not in KEYS]
+    print("sync update's parts: " + ", ".join(f"{k[5:-2]} {s[k]:.2f} s" for k in parts))
     print(f"train limit (1 process, {cores} threads, bare step):      {limit:.2f} s")
     print(f"update, one process, full-vocabulary padded path:   {full:.2f} s")
     print(f"update, one process, lean path:                     {lean:.2f} s")

@@ -19,7 +19,9 @@ Run it through `python -m toolrl.main` (see README.md).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -163,23 +165,31 @@ class Trainer:
         """Score the batch with what the algorithm needs, set its advantages, and take one
         optimizer step per mini-batch (policy, then critic)."""
         a, metrics = self.algorithm, {}
+        clock = Clock(metrics)  # time/<phase>_s of the update's parts
         rollout_logprobs = batch.old_logprobs  # [B, T]
         if a.recompute_old_logprobs:
-            old = self.train.logprobs(batch)  # [B, T]
+            with clock("old_logprobs"):
+                old = self.train.logprobs(batch)  # [B, T]
             metrics.update(logprob_drift(old, batch, kept))
             batch.old_logprobs = old
         if a.needs_reference:
-            batch.ref_logprobs = self.train.ref_logprobs(batch)
+            with clock("ref_logprobs"):
+                batch.ref_logprobs = self.train.ref_logprobs(batch)
         if a.needs_critic:
-            batch.values = self.critic.values(batch)
-        metrics.update(a.prepare(batch, kept, rollout_logprobs))
+            with clock("values"):
+                batch.values = self.critic.values(batch)
+        with clock("advantages"):
+            metrics.update(a.prepare(batch, kept, rollout_logprobs))
         # A batch shrunk by faults or dynamic sampling may have fewer rows than mini-batches.
         parts = [mb for mb in batch.split(min(a.cfg.mini_batches, batch.size)) if mb.num_tokens]
         for mb in parts:
-            for k, v in self.train.update(mb, a.loss).items():
-                metrics[f"train/{k}"] = v  # the last mini-batch's values
+            with clock("policy_update"):
+                for k, v in self.train.update(mb, a.loss).items():
+                    metrics[f"train/{k}"] = v  # the last mini-batch's values
             if a.needs_critic:
-                metrics.update({f"critic/{k}": v for k, v in self.critic.update_critic(mb).items()})
+                with clock("critic_update"):
+                    critic_m = self.critic.update_critic(mb)
+                metrics.update({f"critic/{k}": v for k, v in critic_m.items()})
         return metrics
 
     def _rollout(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
@@ -212,6 +222,22 @@ class Trainer:
         ok = [tr for tr in trajs if tr.infra_error is None]
         kept, _ = self.algorithm.select_groups(ok, self.cfg.trainer.prompts_per_step)
         return trajs, kept, rollout_metrics(trajs, "train")
+
+
+class Clock:
+    """`with clock("phase"):` adds the block's seconds to metrics["time/phase_s"]."""
+
+    def __init__(self, metrics: dict[str, float]) -> None:
+        self.metrics = metrics
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{phase}_s"
+            self.metrics[key] = self.metrics.get(key, 0.0) + time.perf_counter() - t0
 
 
 def staleness(trajs: list[Trajectory], step: int) -> dict[str, float]:
