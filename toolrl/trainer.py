@@ -23,6 +23,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,49 +109,56 @@ class Trainer:
         weights of `step` updates, except that with max_staleness=1 batch `step` was sampled
         before update step-1 finished."""
         t0, cpu0 = time.perf_counter(), cpu_seconds()
-        metrics: dict[str, float] = {}
-        eval_s = 0.0
-        if self.cfg.trainer.max_staleness == 0:
-            if evaluate:
-                metrics.update(self.evaluate())
-                eval_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            trajs, kept, rollout_m = self._rollout(step)
-            rollout_s = busy_s = time.perf_counter() - t1
-        else:
-            pending = self.next_rollout or self.rollout.start(self._train_episodes(step))
-            trajs, kept, rollout_m = self._collect(pending.result())
-            rollout_s = time.perf_counter() - t0  # only the part the update did not hide
-            busy_s = self.rollout.last_rollout_s  # its own duration, mostly hidden
-            metrics.update(self._push_weights(step))
-            if evaluate:
-                t1 = time.perf_counter()
-                metrics.update(self.evaluate())
-                eval_s = time.perf_counter() - t1
-            self.next_rollout = None
-            if step + 1 < self.cfg.trainer.total_steps:
-                self.next_rollout = self.rollout.start(self._train_episodes(step + 1))
-        t2 = time.perf_counter()
-        metrics.update(rollout_m)
-        metrics.update(staleness(kept, step))
-        batch = TrainBatch.from_trajectories(kept, None, self.pad_id)
+        overlap = self.cfg.trainer.max_staleness > 0
+        got = self._overlapped_batch(step, evaluate) if overlap else self._batch(step, evaluate)
+        t1 = time.perf_counter()
+        metrics = got.metrics | staleness(got.kept, step)
+        batch = TrainBatch.from_trajectories(got.kept, None, self.pad_id)
         # Nothing to learn from when every sample was a fault or no group had signal.
         if batch.num_tokens > 0:
-            metrics.update(self._update(batch, kept))
-        t3 = time.perf_counter()
-        if self.cfg.trainer.max_staleness == 0:
+            metrics.update(self._update(batch, got.kept))
+        t2 = time.perf_counter()
+        if not overlap:
             metrics.update(self._push_weights(step + 1))
-        sampled = sum(sum(tr.loss_mask) for tr in trajs)
+        sampled = sum(sum(tr.loss_mask) for tr in got.trajs)
         metrics.update(
             {
-                "time/rollout_s": rollout_s,  # what the trainer waited for the batch
-                "time/train_s": t3 - t2,
-                "time/step_s": time.perf_counter() - t0 - eval_s,
+                "time/rollout_s": got.wait_s,  # what the trainer waited for the batch
+                "time/train_s": t2 - t1,
+                "time/step_s": time.perf_counter() - t0 - got.eval_s,
                 "time/cpu_s": cpu_seconds() - cpu0,  # this run's processes on this node
-                "perf/rollout_tokens_per_s": sampled / max(busy_s, 1e-9),
+                "perf/rollout_tokens_per_s": sampled / max(got.rollout_s, 1e-9),
             }
         )
         return metrics
+
+    def _batch(self, step: int, evaluate: bool) -> Collected:
+        """Synchronous: evaluate (weights of `step` updates), then roll out the batch."""
+        metrics, t0 = {}, time.perf_counter()
+        if evaluate:
+            metrics = self.evaluate()
+        t1 = time.perf_counter()
+        trajs, kept, rollout_m = self._rollout(step)
+        took = time.perf_counter() - t1
+        return Collected(trajs, kept, metrics | rollout_m, took, took, t1 - t0)
+
+    def _overlapped_batch(self, step: int, evaluate: bool) -> Collected:
+        """max_staleness=1: collect the batch rolled out during the last update, push that
+        update's weights, evaluate them, and start rolling out the next batch with them."""
+        t0 = time.perf_counter()
+        pending = self.next_rollout or self.rollout.start(self._train_episodes(step))
+        trajs, kept, metrics = self._collect(pending.result())
+        wait_s = time.perf_counter() - t0  # only the part the update did not hide
+        rollout_s = self.rollout.last_rollout_s  # its own duration
+        metrics |= self._push_weights(step)
+        t1 = time.perf_counter()
+        if evaluate:
+            metrics |= self.evaluate()
+        eval_s = time.perf_counter() - t1
+        self.next_rollout = None
+        if step + 1 < self.cfg.trainer.total_steps:
+            self.next_rollout = self.rollout.start(self._train_episodes(step + 1))
+        return Collected(trajs, kept, metrics, wait_s, rollout_s, eval_s)
 
     def _push_weights(self, version: int) -> dict[str, float]:
         """Load the policy's current weights (after `version` updates) into the engines."""
@@ -222,6 +230,18 @@ class Trainer:
         ok = [tr for tr in trajs if tr.infra_error is None]
         kept, _ = self.algorithm.select_groups(ok, self.cfg.trainer.prompts_per_step)
         return trajs, kept, rollout_metrics(trajs, "train")
+
+
+@dataclass
+class Collected:
+    """A step's batch: every trajectory, those to train on, their metrics (and the eval's)."""
+
+    trajs: list[Trajectory]
+    kept: list[Trajectory]
+    metrics: dict[str, float]
+    wait_s: float  # how long the trainer waited for it
+    rollout_s: float  # how long rolling it out took
+    eval_s: float  # evaluation time inside the step (not counted in time/step_s)
 
 
 class Clock:

@@ -59,42 +59,58 @@ def _simulate(num_engines: int, speed: list[float], groups: list[Group], cap: in
     clock, events, assigned, peak = [0.0], [], {}, [0] * num_engines
     inflight = [0] * num_engines
 
-    def submit(engine: int, group: Group) -> int:
-        handle = len(assigned)
-        assigned[handle] = (engine, group)
-        inflight[engine] += len(group.episodes)
+    calls = {}
+
+    def submit(engine: int, batch: list[Group]) -> int:
+        handle = len(calls)
+        calls[handle] = (engine, batch)
+        for group in batch:  # each group finishes on its own clock; the call with its last
+            assigned[id(group)] = (engine, group)
+        inflight[engine] += sum(len(g.episodes) for g in batch)
         peak[engine] = max(peak[engine], inflight[engine])
-        heapq.heappush(events, (clock[0] + group.tokens / speed[engine], handle))
+        tokens = sum(g.tokens for g in batch)
+        heapq.heappush(events, (clock[0] + tokens / speed[engine], handle))
         return handle
 
     def wait_one(handles: list[int]) -> int:
         t, handle = heapq.heappop(events)
         assert handle in handles
         clock[0] = t
-        engine, group = assigned[handle]
-        inflight[engine] -= len(group.episodes)
+        engine, batch = calls[handle]
+        inflight[engine] -= sum(len(g.episodes) for g in batch)
         return handle
 
-    done = [g for g, _ in schedule(groups, Router(num_engines, cap), submit, wait_one)]
-    return assigned, done, peak, clock[0]
+    router = Router(num_engines, cap)
+    done = [g for batch, _ in schedule(groups, router, submit, wait_one) for g in batch]
+    assert router.tokens == [0] * num_engines and router.inflight == [0] * num_engines
+    return assigned, done, peak, clock[0], calls
 
 
 def test_schedule_never_splits_a_group_and_keeps_engines_under_the_cap() -> None:
     rng = random.Random(0)
     sizes = [8] * 40
     groups = _groups(sizes, [rng.randint(50, 400) for _ in sizes])
-    assigned, done, peak, _ = _simulate(3, [1.0, 1.0, 4.0], groups, cap=24)
+    assigned, done, peak, _, _ = _simulate(3, [1.0, 1.0, 4.0], groups, cap=24)
     assert sorted(id(g) for g in done) == sorted(id(g) for g in groups)  # each exactly once
     for _, group in assigned.values():
         assert len(group.episodes) == 8 and len({e.prompt_id for e in group.episodes}) == 1
     assert max(peak) <= 24
 
 
+def test_one_engine_with_room_gets_the_whole_rollout_in_one_call() -> None:
+    """Its requests then arrive together, as in every run: vLLM batches them the same way."""
+    groups = _groups([8] * 16, [100] * 16)
+    _, done, _, _, calls = _simulate(1, [1.0], groups, cap=256)
+    assert len(calls) == 1 and calls[0][1] == groups and done == groups
+    _, _, _, _, calls = _simulate(1, [1.0], groups, cap=64)  # 8 groups fit, then 1 at a time
+    assert [len(batch) for _, batch in calls.values()][:1] == [8]
+
+
 def test_a_faster_engine_takes_more_groups_than_a_static_split_would_give_it() -> None:
     rng = random.Random(1)
     sizes = [4] * 60
     groups = _groups(sizes, [rng.randint(50, 400) for _ in sizes])
-    assigned, _, _, makespan = _simulate(2, [1.0, 3.0], groups, cap=8)
+    assigned, _, _, makespan, _ = _simulate(2, [1.0, 3.0], groups, cap=8)
     fast = sum(1 for engine, _ in assigned.values() if engine == 1)
     assert fast > 0.65 * len(groups)  # a static split gives it half
     total = sum(g.tokens for g in groups)

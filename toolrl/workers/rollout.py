@@ -158,14 +158,16 @@ class RolloutGroup:
         router = Router(len(self.workers), self.max_inflight)
         out: list[Trajectory | None] = [None] * len(episodes)
 
-        def submit(engine: int, group: Any) -> ray.ObjectRef:
-            return self.workers[engine].rollout.remote(group.episodes, evaluate)
+        def submit(engine: int, batch: list[Any]) -> ray.ObjectRef:
+            episodes = [ep for group in batch for ep in group.episodes]
+            return self.workers[engine].rollout.remote(episodes, evaluate)
 
         def wait_one(handles: list[ray.ObjectRef]) -> ray.ObjectRef:
             return ray.wait(handles, num_returns=1)[0][0]
 
-        for group, ref in schedule(groups, router, submit, wait_one):
-            for pos, traj in zip(group.positions, ray.get(ref), strict=True):
+        for batch, ref in schedule(groups, router, submit, wait_one):
+            positions = [pos for group in batch for pos in group.positions]
+            for pos, traj in zip(positions, ray.get(ref), strict=True):
                 out[pos] = traj
         self.last_rollout_s = time.perf_counter() - start  # its own duration, overlapped or not
         return out  # type: ignore[return-value]

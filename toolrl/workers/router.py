@@ -8,6 +8,9 @@
   groups it holds and has not finished), and only while that engine holds fewer than
   `max_inflight` trajectories; otherwise the router waits for a group to finish. So engines
   that finish early take more work instead of idling behind a static split.
+- The groups an engine takes in one pass go to it in one call, so its requests arrive
+  together: with one engine and room for the batch, a rollout is one call, and the engine
+  batches its requests the same way in every run (vLLM's numerics depend on the batch).
 
 Pure bookkeeping (no Ray); `toolrl.workers.rollout.RolloutGroup` drives it. Run
 `python -m pytest tests/unit/test_router.py`.
@@ -81,22 +84,25 @@ class Router:
 def schedule(
     groups: list[Group],
     router: Router,
-    submit: Callable[[int, Group], Any],
+    submit: Callable[[int, list[Group]], Any],
     wait_one: Callable[[list[Any]], Any],
-) -> Iterator[tuple[Group, Any]]:
-    """Submit every group through the router and yield (group, its finished handle) as each
-    finishes. submit(engine, group) starts it and returns a handle; wait_one(handles)
-    blocks until one of them is finished and returns it."""
+) -> Iterator[tuple[list[Group], Any]]:
+    """Submit every group through the router and yield (groups, their finished handle) as
+    each call finishes. submit(engine, groups) starts one call with those groups and returns
+    a handle; wait_one(handles) blocks until one of them is finished and returns it."""
     pending = list(groups)
-    running: dict[Any, tuple[int, Group]] = {}
+    running: dict[Any, tuple[int, list[Group]]] = {}
     while pending or running:
+        taken: dict[int, list[Group]] = {}
         while pending:
             engine = router.pick(pending[0])
             if engine is None:
                 break
-            group = pending.pop(0)
-            running[submit(engine, group)] = (engine, group)
+            taken.setdefault(engine, []).append(pending.pop(0))
+        for engine, batch in taken.items():
+            running[submit(engine, batch)] = (engine, batch)
         handle = wait_one(list(running))
-        engine, group = running.pop(handle)
-        router.done(engine, group)
-        yield group, handle
+        engine, batch = running.pop(handle)
+        for group in batch:
+            router.done(engine, group)
+        yield batch, handle
