@@ -143,6 +143,7 @@ class RolloutGroup:
         self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
         self.last_rollout_s = 0.0
         ray.get([w.ready.remote() for w in self.workers])
+        self.node_ids = set(ray.get([w.node_id.remote() for w in self.workers]))
 
     def rollout(self, episodes: list[Episode], evaluate: bool = False) -> list[Trajectory]:
         """Roll out every episode; trajectories in the order of `episodes`."""
@@ -159,8 +160,8 @@ class RolloutGroup:
         out: list[Trajectory | None] = [None] * len(episodes)
 
         def submit(engine: int, batch: list[Any]) -> ray.ObjectRef:
-            episodes = [ep for group in batch for ep in group.episodes]
-            return self.workers[engine].rollout.remote(episodes, evaluate)
+            eps = [ep for group in batch for ep in group.episodes]
+            return self.workers[engine].rollout.remote(eps, evaluate)
 
         def wait_one(handles: list[ray.ObjectRef]) -> ray.ObjectRef:
             return ray.wait(handles, num_returns=1)[0][0]
@@ -181,7 +182,7 @@ class RolloutGroup:
         engine shares the node of the policy's rank 0, that rank writes one safetensors file
         to shared memory and the engines read it: no copy through the object store and the
         driver. Otherwise the bytes travel through the object store. Returns which way."""
-        if {ray.get(w.node_id.remote()) for w in self.workers} != {train.node_id()}:
+        if self.node_ids != {train.node_id}:
             self.load_weights(train.weights(), version)
             return "object_store"
         path = train.write_weights()

@@ -152,6 +152,7 @@ class TrainGroup:
         ]
         master = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(master, model_path, cfg, policy, critic) for w in self.workers])
+        self.node_id = ray.get(self.workers[0].node_id.remote())  # where write_weights writes
 
     def _per_rank(self, method: str, batch: TrainBatch, *args: object) -> list:
         """Rank r gets rows batch.split(world_size)[r]; results come back in rank order."""
@@ -197,10 +198,6 @@ class TrainGroup:
 
     def remove_weights(self, path: str) -> None:
         ray.get(self.workers[0].remove_weights.remote(path))
-
-    def node_id(self) -> str:
-        """The Ray node of rank 0 (where write_weights puts its file)."""
-        return ray.get(self.workers[0].node_id.remote())
 
     def save_hf(self, out_dir: str, tokenizer_src: str | None) -> None:
         ray.get([w.save_hf.remote(out_dir, tokenizer_src) for w in self.workers])
