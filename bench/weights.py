@@ -41,6 +41,8 @@ SHAPES = {128: (2, 2, 384), 512: (8, 8, 1408), 1024: (16, 16, 2816), 1536: (16, 
 def make_model(hidden: int, out: Path, tokenizer_src: str) -> int:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+    from toolrl.workers.actor import TOKENIZER_FILES
+
     layers, heads, inter = SHAPES[hidden]
     tok = AutoTokenizer.from_pretrained(tokenizer_src)
     config = Qwen2Config(
@@ -56,9 +58,9 @@ def make_model(hidden: int, out: Path, tokenizer_src: str) -> int:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).float()
     model.save_pretrained(out)
-    for f in Path(tokenizer_src).iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy2(f, out / f.name)
+    for name in TOKENIZER_FILES:  # what a saved checkpoint carries of its tokenizer
+        if (Path(tokenizer_src) / name).is_file():
+            shutil.copy2(Path(tokenizer_src) / name, out / name)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -23,14 +23,13 @@ import asyncio
 import contextlib
 import itertools
 import os
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from toolrl.config import EngineConfig
 from toolrl.rollout.sampler import Generation, Pause, Sampling
-from toolrl.workers.weights import WORKER_EXTENSION
+from toolrl.workers.weights import WORKER_EXTENSION, new_weights_file
 
 _GIB = 1 << 30
 
@@ -97,11 +96,6 @@ def _engine_args(cfg: EngineConfig, on_cpu: bool):
         worker_extension_cls=WORKER_EXTENSION,
         disable_log_stats=True,
     )
-
-
-def _shm_dir() -> str:
-    """RAM-backed folder for the weight hand-off file, or the temp dir without one."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 class VLLMEngine:
@@ -239,9 +233,9 @@ class VLLMEngine:
         tied `lm_head.weight` may be left out. Requests started meanwhile wait for the
         new weights. If this raises, the engine's weights are undefined.
         """
-        fd, path = tempfile.mkstemp(prefix="toolrl-weights-", suffix=".safetensors", dir=_shm_dir())
+        path = new_weights_file()
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(path, "wb") as f:
                 f.write(safetensors_bytes)
             await self.load_weights_file(path, version)
         finally:

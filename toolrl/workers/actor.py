@@ -33,6 +33,7 @@ from toolrl.algo.batch import TrainBatch
 from toolrl.algo.losses import LossConfig, LossScale, policy_loss
 from toolrl.config import OptimConfig
 from toolrl.workers.scoring import ScoredLM
+from toolrl.workers.weights import new_weights_file, shm_dir
 
 # Files copied from `tokenizer_src` into a saved checkpoint so it loads as a full HF model.
 TOKENIZER_FILES = (
@@ -141,16 +142,16 @@ def clip_grads(model: nn.Module, grad_clip: float) -> float:
     return float(norm.item())
 
 
-def _full_state_dict(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+def _full_state_dict(model: ScoredLM) -> dict[str, Tensor]:
     """Collective: the unsharded weights on rank 0 (CPU), {} elsewhere; keys as HF saves them
-    (with `prefix` cut off: a ScoredLM holds the HF model as `lm.`).
+    (without the `lm.` under which a ScoredLM holds the HF model).
 
     HF checkpoints of tied models hold only the embedding (vLLM's loader skips lm_head then),
     and safetensors refuses two names for one tensor, so the tied lm_head.weight is dropped.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    state = {k.removeprefix(prefix): v.contiguous() for k, v in state.items()}
+    state = {k.removeprefix("lm."): v.contiguous() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
@@ -241,7 +242,7 @@ class Policy(_Scorer):
 
     def state_dict_bytes(self) -> bytes | None:
         """Collective. Full weights as safetensors bytes on rank 0 (HF key names); None elsewhere."""
-        state = _full_state_dict(self.model, "lm.")
+        state = _full_state_dict(self.model)
         if dist.get_rank() != 0:
             return None
         return safetensors.torch.save(state, metadata={"format": "pt"})
@@ -250,16 +251,14 @@ class Policy(_Scorer):
         """Collective. Rank 0 writes the full weights (HF key names) to a new safetensors file
         in shared memory (/dev/shm, else the temp folder) and returns its path; None elsewhere,
         and on rank 0 when the folder has no room for them."""
-        state = _full_state_dict(self.model, "lm.")
+        state = _full_state_dict(self.model)
         if dist.get_rank() != 0:
             return None
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         size = sum(t.numel() * t.element_size() for t in state.values())
-        stat = os.statvfs(shm)
+        stat = os.statvfs(shm_dir())
         if stat.f_bavail * stat.f_frsize < 1.1 * size:  # a container's small /dev/shm
             return None
-        fd, path = tempfile.mkstemp(prefix="toolrl-weights-", suffix=".safetensors", dir=shm)
-        os.close(fd)
+        path = new_weights_file()
         try:
             safetensors.torch.save_file(state, path, metadata={"format": "pt"})
         except BaseException:
@@ -269,7 +268,7 @@ class Policy(_Scorer):
 
     def save_hf(self, out_dir: str, tokenizer_src: str | None) -> None:
         """Collective. Rank 0 writes a loadable HF checkpoint to out_dir, atomically."""
-        state = _full_state_dict(self.model, "lm.")
+        state = _full_state_dict(self.model)
         if dist.get_rank() == 0:
             out_dir = os.path.abspath(out_dir)
             os.makedirs(os.path.dirname(out_dir), exist_ok=True)

@@ -15,11 +15,25 @@ Not run directly; exercised by `pytest tests/integration/test_engine.py`.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
 
 import torch
 
 WORKER_EXTENSION = "toolrl.workers.weights.WeightReloadExtension"
+
+
+def shm_dir() -> str:
+    """RAM-backed folder for weight hand-off files, or the temp dir without one."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def new_weights_file() -> str:
+    """A new, empty weight hand-off file in `shm_dir()`; the caller fills and removes it."""
+    fd, path = tempfile.mkstemp(prefix="toolrl-weights-", suffix=".safetensors", dir=shm_dir())
+    os.close(fd)
+    return path
 
 
 def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
