@@ -169,7 +169,7 @@ async def cold_starts(cfg: SandboxConfig, n: int) -> tuple[list[float], list[flo
             uid = None
             if report.per_sandbox_uid and cfg.isolation == "bwrap":  # as SandboxPool picks one
                 uid = cfg.uid_base + random.randrange(1_000_000)
-            sandbox = Sandbox(cfg, [], report.nproc_cap, uid)
+            sandbox = Sandbox(cfg, [], report, uid)
             await asyncio.sleep(0.005)  # let the ticker run, so take() starts from a quiet loop
             watch.take()
             t0 = time.perf_counter()

@@ -240,18 +240,26 @@ def _call_text(tok: Any, kw: dict[str, Any]) -> str:
     return full[len(prompt) :] if full.startswith(prompt) else full
 
 
-def _check_parser(tok: Any, report: Report, kw: dict[str, Any]) -> None:
-    """Guess the parser from the markers in a rendered call (else in the template source),
-    and say whether that parser reads the template's own call back."""
-    call_text = _call_text(tok, kw)
+def template_parser(tok: Any, kw: dict[str, Any]) -> tuple[str, type, str] | None:
+    """(name in conf/parser/, parser class, where it was seen) of the tool-call format the
+    template writes, from the markers in a rendered call (else in the template source)."""
     source = tok.chat_template if isinstance(tok.chat_template, str) else ""
-    for text, where in ((call_text, "rendered call"), (source, "template source")):
+    for text, where in ((_call_text(tok, kw), "rendered call"), (source, "template source")):
         for name, marker, cls in PARSERS:
             if marker.search(text):
-                report.parser = f"{name} (conf/parser/{name}.yaml; from the {where}"
-                report.parser += _reads_back(cls(), call_text) + ")"
-                return
-    report.parser = "unknown: no known tool-call marker; write a parser for this format"
+                return name, cls, where
+    return None
+
+
+def _check_parser(tok: Any, report: Report, kw: dict[str, Any]) -> None:
+    """Guess the parser from the template, and say whether it reads the template's own call."""
+    found = template_parser(tok, kw)
+    if found is None:
+        report.parser = "unknown: no known tool-call marker; write a parser for this format"
+        return
+    name, cls, where = found
+    report.parser = f"{name} (conf/parser/{name}.yaml; from the {where}"
+    report.parser += _reads_back(cls(), _call_text(tok, kw)) + ")"
 
 
 def _reads_back(parser: Parser, call_text: str) -> str:

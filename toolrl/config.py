@@ -12,6 +12,7 @@ Print the composed config with `python -m toolrl.main --cfg job`.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import inspect
 import os
@@ -194,7 +195,13 @@ class TrainerConfig:
     seed: int = 0
     train_group: TrainGroupConfig = field(default_factory=TrainGroupConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    save_checkpoint: bool = True
+    save_checkpoint: bool = True  # the Hugging Face export of the final policy (checkpoint/)
+    # Checkpoints to continue from (toolrl/checkpoint.py): every save_every steps, at the end
+    # and on a stop signal (0: none); the last keep_last are kept.
+    save_every: int = 10
+    keep_last: int = 2
+    # auto: continue from the run folder's latest checkpoint, if any; never; or a PATH.
+    resume: str = "auto"
     # 0: roll out, then update (on-policy). 1: the engines roll out batch k+1 with the weights
     # before update k while it runs, so each batch is one update old (needs a mismatch mode).
     max_staleness: int = 0
@@ -371,6 +378,9 @@ def validate(cfg: Config) -> None:
     check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
     check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0: only at start and end)")
     check(t.train_group.world_size >= 1, "trainer.train_group.world_size", "must be >= 1")
+    check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0: no checkpoints)")
+    check(t.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+    check(t.resume != "", "trainer.resume", "use auto, never or a checkpoint path")
     batch = t.prompts_per_step * r.n
     check(
         a.mini_batches >= 1 and batch // a.mini_batches >= t.train_group.world_size,
@@ -596,3 +606,24 @@ def _check_cpus(cfg: Config, needs_critic: bool = False) -> None:
         "rollout.num_cpus_per_worker or trainer.train_group.num_cpus_per_worker (they may be "
         "fractions) or the number of workers",
     )
+    gpus = r.num_workers * r.num_gpus_per_worker + g.world_size * g.num_gpus_per_worker
+    if needs_critic and not c.colocate:
+        gpus += c.group.world_size * c.group.num_gpus_per_worker
+    if gpus > 0:
+        have_gpus = local_gpu_count()
+        check(
+            gpus <= have_gpus,
+            "rollout.num_gpus_per_worker",
+            f"the actors ask for {gpus:g} GPUs but this machine has {have_gpus}; set "
+            "rollout.num_gpus_per_worker and trainer.train_group.num_gpus_per_worker to 0 on a "
+            "CPU machine, or lower the number of workers",
+        )
+
+
+def local_gpu_count() -> int:
+    """NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES applies), without importing
+    torch: the driver's device files, as Ray counts them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+    return len(glob.glob("/proc/driver/nvidia/gpus/*"))

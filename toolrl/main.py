@@ -6,7 +6,12 @@
     python -m toolrl.main --help                            # config groups and options
 
 A bad config fails here, before Ray starts, with the key to change. Outputs (metrics.jsonl,
-wandb files, the final Hugging Face checkpoint) go to Hydra's run folder, `runs/<date>/<time>`.
+wandb files, checkpoints/ to resume from, the final Hugging Face export checkpoint/) go to
+Hydra's run folder, `runs/<date>/<time>`. Running again into the same folder continues from its
+latest checkpoint (trainer.resume=auto):
+
+    python -m toolrl.main hydra.run.dir=runs/exp1        # SIGTERM/SIGINT/SIGUSR1: saves, exits 143/130/138
+    python -m toolrl.main hydra.run.dir=runs/exp1        # continues where it stopped
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from toolrl.config import (
     build_task,
     instantiate,
     register,
+    resolve_target,
     to_config,
     validate,
 )
@@ -45,18 +51,115 @@ def resolve_model(path: str, embedded_tool: str = "calculator") -> str:
     return str(build_embedded_model(embedded_config(embedded_tool)))
 
 
+@dataclasses.dataclass
+class Prepared:
+    """What a run needs before Ray starts, each part already checked."""
+
+    model_path: str
+    tokenizer: Any
+    chat_template: str | None  # model.chat_template's text; None: the tokenizer's own
+    task: Any
+    resume: Any  # the checkpoint folder to continue from, or None
+    saved: dict[str, Any]  # its trainer state ({"step": 0, ...} for a fresh start)
+
+
+def prepare(cfg: Config) -> Prepared:
+    """The checks that need the model, the data or the run folder, before Ray starts: the
+    checkpoint to resume (and the keys that must not change), the model folder, the parser
+    against the template's tool-call format, the task, and its prompts against the budget."""
+    from transformers import AutoTokenizer
+
+    from toolrl import checkpoint
+    from toolrl.rollout.chat import read_chat_template
+
+    resume = checkpoint.resolve(cfg.trainer.resume, cfg.run_dir)
+    saved = checkpoint.check_resumable(resume, cfg) if resume else {"step": 0, "wandb_id": None}
+    if resume is None:  # a fresh start: an earlier run's checkpoints here must not mix in
+        moved = checkpoint.set_aside(cfg.run_dir)
+        if moved:
+            print(f"toolrl: a fresh start; the checkpoints already here moved to {moved}")
+    elif checkpoint.checkpoints_dir(cfg.run_dir).resolve() not in resume.resolve().parents:
+        saved = {**saved, "wandb_id": None}  # another run's checkpoint: a wandb run of its own
+    model_path = resolve_model(cfg.model.path, cfg.model.embedded_tool)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    chat_template = read_chat_template(cfg.model.chat_template)
+    check_parser_reads_template(cfg, tokenizer, chat_template)
+    count = token_counter(tokenizer, chat_template, cfg.model.chat_template_kwargs)
+    task = build_task(cfg.task, count_tokens=count, tool_names=list(cfg.tools))
+    check_prompts_fit(cfg, task, tokenizer, chat_template)
+    return Prepared(model_path, tokenizer, chat_template, task, resume, saved)
+
+
+def check_parser_reads_template(cfg: Config, tokenizer: Any, chat_template: str | None) -> None:
+    """With chat tool turns, the parser must read the format the template writes calls in."""
+    from toolrl.check_template import template_parser
+
+    if not _chat_tool_turns(cfg):
+        return
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if not tokenizer.chat_template:
+        return
+    found = template_parser(tokenizer, dict(cfg.model.chat_template_kwargs))
+    parser = resolve_target("parser", {"_target_": cfg.parser["_target_"]})  # the class only
+    if found is None or not isinstance(parser, type) or issubclass(parser, found[1]):
+        return
+    shown = cfg.model.path if cfg.model.path != "embedded" else "$(python -m toolrl.models.tiny)"
+    raise ConfigError(
+        f"parser: the chat template writes tool calls in the {found[0]} format, which "
+        f"{cfg.parser['_target_']} does not read; use parser={found[0]} (python -m "
+        f"toolrl.check_template {shown} shows the template's format)"
+    )
+
+
+def _chat_tool_turns(cfg: Config) -> bool:
+    """Whether the protocol runs tools as chat-template tool turns (schemas in the prompt)."""
+    from toolrl.rollout.protocols.chat import ChatToolTurns
+
+    protocol = resolve_target("protocol", {"_target_": cfg.protocol["_target_"]})
+    return isinstance(protocol, type) and issubclass(protocol, ChatToolTurns)
+
+
+PROMPTS_CHECKED = 2000  # a dataset's first prompts; longer ones are task.max_prompt_tokens's job
+
+
+def check_prompts_fit(cfg: Config, task: Any, tokenizer: Any, chat_template: str | None) -> None:
+    """Every (checked) prompt, rendered with the schemas of the tools it offers (with chat
+    tool turns), must leave room to sample within rollout.max_total_tokens."""
+    from toolrl.rollout.chat import render_chat
+
+    schemas = {}
+    if _chat_tool_turns(cfg):
+        schemas = {name: instantiate(spec).schema() for name, spec in cfg.tools.items()}
+    kwargs = cfg.model.chat_template_kwargs
+    prompts = task.prompts("train")[:PROMPTS_CHECKED]
+    prompts += task.prompts("eval")[: cfg.trainer.eval_prompts]
+    longest = 0
+    for p in prompts:
+        tools = [schemas[n] for n in (schemas if p.tools is None else p.tools) if n in schemas]
+        text = render_chat(tokenizer, p.messages, True, tools or None, chat_template, kwargs)
+        longest = max(longest, len(tokenizer.encode(text, add_special_tokens=False)))
+    budget = cfg.rollout.max_total_tokens
+    if longest >= budget:
+        raise ConfigError(
+            f"rollout.max_total_tokens: is {budget} but prompts take up to {longest} tokens "
+            "with their tools' schemas; raise it (with rollout.engine.max_model_len), or drop "
+            "long prompts with task.max_prompt_tokens"
+        )
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Everything after validation: model, Ray, worker groups, the loop. Returns final metrics."""
     import ray
-    from transformers import AutoTokenizer
 
     from toolrl.algo.algorithm import Algorithm
     from toolrl.metrics import MetricsLogger
-    from toolrl.rollout.chat import read_chat_template
+    from toolrl.preemption import StopRequest
     from toolrl.trainer import Trainer
     from toolrl.workers.rollout import RolloutGroup
 
-    model_path = resolve_model(cfg.model.path, cfg.model.embedded_tool)
+    ready = prepare(cfg)
+    model_path, chat_template = ready.model_path, ready.chat_template
     r, t = cfg.rollout, cfg.trainer
     # Workers keep warnings and errors but not vLLM's and transformers' start-up chatter,
     # so the console shows the progress bar.
@@ -71,8 +174,9 @@ def run(cfg: Config) -> dict[str, Any]:
         include_dashboard=False,
         runtime_env={"env_vars": quiet},
     )
+    stop = StopRequest()
+    stop.install()  # after ray.init, which installs its own SIGTERM handler
     try:
-        chat_template = read_chat_template(cfg.model.chat_template)
         spec = rollout_spec(cfg, model_path, chat_template)
         rollout = RolloutGroup(
             spec,
@@ -91,28 +195,26 @@ def run(cfg: Config) -> dict[str, Any]:
             cfg.logger.run_name,
             config=dataclasses.asdict(cfg),
             progress_bar=cfg.logger.progress_bar,
+            start_step=ready.saved["step"],
+            run_id=ready.saved["wandb_id"],
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
         trainer = Trainer(
             cfg,
-            task=build_task(
-                cfg.task,
-                count_tokens=token_counter(
-                    tokenizer, chat_template, cfg.model.chat_template_kwargs
-                ),
-                tool_names=list(cfg.tools),
-            ),
+            task=ready.task,
             algorithm=algorithm,
             rollout=rollout,
             train=train,
             logger=logger,
-            pad_id=_pad_id(tokenizer),
+            pad_id=_pad_id(ready.tokenizer),
             model_path=model_path,
             critic=critic,
+            resume_from=ready.resume,
+            stop=stop,
         )
         try:
             return trainer.fit()
         finally:
+            stop.shutting_down = True  # a signal now must not cut the shutdown short
             logger.close()
             rollout.shutdown()
             train.shutdown()
@@ -186,14 +288,24 @@ def _pad_id(tokenizer: Any) -> int:
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
+    from toolrl.preemption import Preempted
+
     try:
         cfg = to_config(dcfg)
         validate(cfg)
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+        final = run(cfg)
     except (ConfigError, OmegaConfBaseException) as e:
         print(f"toolrl: bad config: {e}", file=sys.stderr)
         sys.exit(2)
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
-    final = run(cfg)
+    except Preempted as e:
+        saved = " (a second signal: the last ones not saved)" if e.immediate else ""
+        print(
+            f"toolrl: {e} after {e.completed} training steps{saved}; run the same command "
+            f"with hydra.run.dir={cfg.run_dir} to continue from its latest checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(e.exit_code)
     summary = {k: v for k, v in final.items() if k.startswith("eval/") or k == "checkpoint"}
     print(json.dumps({"run_dir": cfg.run_dir, **summary}, indent=2))
 

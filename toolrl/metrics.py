@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -108,23 +109,42 @@ class MetricsLogger:
         run_name: str | None,
         config: dict[str, Any],
         progress_bar: bool = True,
+        start_step: int = 0,
+        run_id: str | None = None,
     ) -> None:
+        """`start_step` > 0 continues a run: rows of metrics.jsonl from that step on (written
+        after the checkpoint the run resumes from) are dropped, and wandb resumes `run_id`."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep_rows_before(self.path, start_step)
         self._file = self.path.open("a")
         self._wandb = None
+        self.run_id = run_id
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
+            self.run_id = run_id or uuid.uuid4().hex[:8]  # wandb's own id form
             self._wandb = wandb.init(
-                project=project, name=run_name, mode=wandb_mode, dir=run_dir, config=config
+                project=project,
+                name=run_name,
+                mode=wandb_mode,
+                dir=run_dir,
+                config=config,
+                id=self.run_id,
+                resume="allow",
             )
         self._bar = None
         if progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, desc="toolrl", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="toolrl",
+                unit="step",
+                dynamic_ncols=True,
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -146,6 +166,28 @@ class MetricsLogger:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def keep_rows_before(path: Path, step: int) -> None:
+    """Drop the rows of a metrics.jsonl at `step` and later (all of them for step 0): a run
+    resumed from step k logs k, k+1, ... again. Replaced atomically."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _step_of(line) < step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    """A row's step; a half-written last row (the process was killed) counts as none."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 _TABLE = ("eval/reward", "eval/tool_calls", "train/reward", "train/tool_calls", "time/step_s")

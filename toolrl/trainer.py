@@ -13,6 +13,10 @@ With trainer.max_staleness=1 the engines roll out batch k+1 (with the weights be
 update k) while update k runs: push w_k, start rollout k+1, update on batch k, collect
 rollout k+1. Each batch is then one update old; the loss's mismatch correction weighs it.
 
+Every trainer.save_every steps, at the end and on a stop signal it checkpoints what it needs
+to continue (toolrl.checkpoint); `resume_from` continues from such a checkpoint, and a stop
+signal (toolrl.preemption) abandons the rollout in flight.
+
 The trainer does not know which algorithm, tools or task it runs: those come from config.
 Run it through `python -m toolrl.main` (see README.md).
 """
@@ -31,9 +35,17 @@ import torch
 
 from toolrl.algo.algorithm import Algorithm
 from toolrl.algo.batch import TrainBatch
+from toolrl.checkpoint import (
+    Checkpointer,
+    fixed_config,
+    read_state,
+    restore_driver_rng,
+    save_driver_rng,
+)
 from toolrl.config import Config
 from toolrl.data.order import PromptOrder
 from toolrl.metrics import MetricsLogger, cpu_seconds, rollout_metrics
+from toolrl.preemption import Preempted, StopRequest
 from toolrl.rollout.agent_loop import Episode
 from toolrl.rollout.trajectory import Trajectory
 from toolrl.workers.rollout import RolloutGroup
@@ -52,9 +64,12 @@ class Trainer:
         pad_id: int,
         model_path: str,
         critic: TrainGroup | None = None,
+        resume_from: Path | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         """`critic` is the group holding the critic (`train` itself when colocated); needed
-        only when the algorithm needs one."""
+        only when the algorithm needs one. `resume_from`: a checkpoint to continue from
+        (toolrl.checkpoint); `stop`: the flag stop signals set (toolrl.preemption)."""
         self.cfg, self.task, self.algorithm = cfg, task, algorithm
         self.rollout, self.train, self.critic, self.logger = rollout, train, critic, logger
         self.pad_id, self.model_path = pad_id, model_path
@@ -63,29 +78,82 @@ class Trainer:
         self.order = PromptOrder(len(self.train_prompts), cfg.trainer.seed)  # resumable
         self.next_rollout: Future | None = None  # max_staleness=1: the batch being rolled out
         self.engine_version = 0  # updates reflected in the engines' weights
+        self.resume_from, self.stop = resume_from, stop or StopRequest()
+        self.checkpointer = Checkpointer(cfg.run_dir, cfg.trainer.keep_last)
+        self.completed = 0  # training steps done (updates applied to the policy)
+        self.order_before: dict[int, dict[str, int]] = {}  # batch -> order state before it
 
     def fit(self) -> dict[str, Any]:
-        """Train for trainer.total_steps; returns the last metrics, the final eval and the checkpoint."""
+        """Train up to trainer.total_steps (from a checkpoint when resuming); returns the last
+        metrics, the final eval and the exported checkpoint. A stop signal ends it with
+        Preempted after saving the last completed step."""
         t = self.cfg.trainer
+        self.completed = saved = self._restore(self.resume_from) if self.resume_from else 0
         last: dict[str, Any] = {}
-        for step in range(t.total_steps):
-            evaluate = t.eval_every and step % t.eval_every == 0 or step == 0
-            metrics = self.step(step, bool(evaluate))
-            self.logger.log(step, metrics)
-            self.logger.advance()
-            last = metrics
-        self._push_weights(t.total_steps)
-        final = self.evaluate()
+        try:
+            for step in range(self.completed, t.total_steps):
+                self.stop.check()
+                evaluate = t.eval_every and step % t.eval_every == 0 or step == 0
+                last = self.step(step, bool(evaluate))
+                self.logger.log(step, last)
+                self.logger.advance()
+                self.completed = step + 1
+                if t.save_every and self.completed % t.save_every == 0:
+                    saved = self._save(self.completed)
+            self._push_weights(t.total_steps)
+            final = self.evaluate()
+        except Preempted as e:
+            e.completed = self.completed
+            if t.save_every and self.completed > saved and not e.immediate:
+                self._save(self.completed)
+            raise
         self.logger.log(t.total_steps, final)
         last = {**last, **final}
+        if t.save_every and saved < t.total_steps:
+            self._save(t.total_steps)
         if t.save_checkpoint:
             out = Path(self.cfg.run_dir) / "checkpoint"
             self.train.save_hf(str(out), tokenizer_src=self.model_path)
             last["checkpoint"] = str(out)
         return last
 
+    def _save(self, step: int) -> int:
+        """Checkpoint the state after `step` training steps (toolrl.checkpoint); returns step."""
+        tmp = self.checkpointer.begin(step)
+        self.train.save_state(str(tmp / "train"))
+        if self.critic is not None and self.critic is not self.train:
+            self.critic.save_state(str(tmp / "train"))
+        save_driver_rng(tmp)
+        state = {
+            "step": step,
+            # batch `step` may be drawn already (overlap, or a stop mid-rollout): not yet used
+            "prompt_order": self.order_before.get(step, self.order.state_dict()),
+            "wandb_id": self.logger.run_id,
+            "fixed": fixed_config(self.cfg),
+        }
+        self.checkpointer.commit(tmp, step, state)
+        return step
+
+    def _restore(self, path: Path) -> int:
+        """Load a checkpoint into the groups and the engines; returns its step."""
+        state = read_state(path)
+        self.train.load_state(str(path / "train"))
+        if self.critic is not None and self.critic is not self.train:
+            self.critic.load_state(str(path / "train"))
+        self.order.load_state_dict(state["prompt_order"])
+        restore_driver_rng(path)
+        self._push_weights(state["step"])
+        return state["step"]
+
+    def _roll(self, episodes: list[Episode], evaluate: bool = False) -> list[Trajectory]:
+        """Roll out, giving up when a stop signal arrives (the rollout has no time bound)."""
+        return self.stop.wait(self.rollout.start(episodes, evaluate))
+
     def _train_episodes(self, step: int, round_: int = 0) -> list[Episode]:
         t, n = self.cfg.trainer, self.cfg.rollout.n
+        if round_ == 0:  # where the order stood before batch `step` drew (what a save keeps)
+            self.order_before = {k: v for k, v in self.order_before.items() if k >= step - 1}
+            self.order_before[step] = self.order.state_dict()
         eps = []
         for i, pid in enumerate(self.order.next_indices(t.prompts_per_step)):
             p = self.train_prompts[pid]
@@ -102,7 +170,7 @@ class Trainer:
             Episode.of(i, p, seed=self.cfg.trainer.seed + 10_000 + i)
             for i, p in enumerate(self.eval_prompts)
         ]
-        return rollout_metrics(self.rollout.rollout(eps, evaluate=True), "eval")
+        return rollout_metrics(self._roll(eps, evaluate=True), "eval")
 
     def step(self, step: int, evaluate: bool = False) -> dict[str, float]:
         """One step: (evaluate,) roll out, update. The engines evaluate and sample with the
@@ -128,6 +196,7 @@ class Trainer:
                 "time/step_s": time.perf_counter() - t0 - got.eval_s,
                 "time/cpu_s": cpu_seconds() - cpu0,  # this run's processes on this node
                 "perf/rollout_tokens_per_s": sampled / max(got.rollout_s, 1e-9),
+                "faults/rollout_worker_restarts": self.rollout.restarts,  # so far in this run
             }
         )
         return metrics
@@ -147,7 +216,7 @@ class Trainer:
         update's weights, evaluate them, and start rolling out the next batch with them."""
         t0 = time.perf_counter()
         pending = self.next_rollout or self.rollout.start(self._train_episodes(step))
-        trajs, kept, metrics = self._collect(pending.result())
+        trajs, kept, metrics = self._collect(self.stop.wait(pending))
         wait_s = time.perf_counter() - t0  # only the part the update did not hide
         rollout_s = self.rollout.last_rollout_s  # its own duration
         metrics |= self._push_weights(step)
@@ -206,13 +275,13 @@ class Trainer:
         prompts_per_step groups with signal or max_sampling_rounds rollouts were made."""
         a, want = self.algorithm, self.cfg.trainer.prompts_per_step
         if not a.cfg.dynamic_sampling:
-            return self._collect(self.rollout.rollout(self._train_episodes(step)))
+            return self._collect(self._roll(self._train_episodes(step)))
         rounds = a.cfg.max_sampling_rounds
         trajs: list[Trajectory] = []
         kept: list[Trajectory] = []
         groups = 0
         for r in range(rounds):
-            new = self.rollout.rollout(self._train_episodes(step, r))
+            new = self._roll(self._train_episodes(step, r))
             trajs += new
             ok = [tr for tr in new if tr.infra_error is None]
             useful, n = a.select_groups(ok, want - groups)

@@ -9,6 +9,7 @@ of PPO uses a critic in its own group. Run `python -m pytest tests/integration/t
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ def groups(embedded_model: str, tmp_path_factory: pytest.TempPathFactory):
         train = TrainGroup(t.train_group, embedded_model, PolicyRole(t.optim, True), critic)
         own = TrainGroup(TrainGroupConfig(world_size=1, num_cpus_per_worker=0.25), "", None, critic)
         yield rollout, train, own
+        rollout.shutdown()  # also removes the last pushed weights file from /dev/shm
     finally:
         ray.shutdown()
 
@@ -188,3 +190,27 @@ def test_ppo_learns_on_the_embedded_default(seed, tmp_path, embedded_model):
     assert evals[0] <= 0.5 and evals[-1] >= evals[0] + 0.25, evals
     critic = [r for r in rows if "critic/explained_variance" in r]
     assert critic[-1]["critic/explained_variance"] > 0 and "critic/value_loss" in critic[-1]
+
+
+def test_a_rollout_worker_killed_mid_rollout_is_restarted_and_its_episodes_rerun(
+    groups, embedded_model, tmp_path
+):
+    """The rollout actor dies while it samples a batch: a new one (with the last pushed
+    weights) runs the same episodes, so the batch comes back whole and equal to a rollout
+    that never failed (same seeds); the restart is counted."""
+    import ray
+
+    rollout, train, _ = groups
+    trainer, _, logger = _trainer(groups, embedded_model, tmp_path)
+    logger.close()
+    trainer._push_weights(1)  # a restarted worker must load these, not the start weights
+    episodes = trainer._train_episodes(0)
+    before = rollout.restarts
+    clean = rollout.rollout(episodes)
+    pending = rollout.start(episodes)
+    time.sleep(0.05)  # the call is on its way to the worker, or in it
+    ray.kill(rollout.workers[0], no_restart=True)
+    rerun = pending.result(timeout=600)
+    assert rollout.restarts == before + 1
+    assert [t.token_ids for t in rerun] == [t.token_ids for t in clean]
+    assert all(turn.weight_version == 1 for t in rerun for turn in t.turns)

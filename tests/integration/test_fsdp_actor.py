@@ -189,6 +189,46 @@ def _scenario_budget(rank: int, world: int, port: int, model_dir: str, out: str)
     _finish()
 
 
+def _scenario_resume(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    """World 2 (`out` ends in /save): update, save_state, update again, keeping the weights;
+    then a fresh policy loads the state and takes the second update. Any world size (the
+    /load run): only load and take the second update. The critic saves and loads alike."""
+    _init(rank, world, port)
+    batch: TrainBatch = torch.load(f"{out}/../batch.pt", weights_only=False)
+    part, scale, loss = batch.split(world)[rank], LossScale.of(batch), LossConfig(kl_coef=0.0)
+    optim = OptimConfig(lr=1e-3, warmup_steps=4)  # the schedule must resume too
+    ckpt = f"{out}/../save/ckpt"
+    if out.endswith("save"):
+        policy = Policy(model_dir, optim, micro_batch_size=2)
+        critic = Critic(model_dir, True, optim, 10.0, micro_batch_size=2)
+        part.values = torch.zeros_like(part.loss_mask, dtype=torch.float32)
+        part.returns = part.loss_mask.float()
+        policy.update(part, scale, loss)
+        critic.update(part, scale)
+        policy.save_state(f"{ckpt}/policy")
+        critic.save_state(f"{ckpt}/critic")
+        policy.update(part, scale, loss)
+        critic.update(part, scale)
+        weights, values = policy.state_dict_bytes(), critic.values(part)
+        torch.save(values, f"{out}/straight_values{rank}.pt")
+        if rank == 0:
+            Path(f"{out}/straight.safetensors").write_bytes(weights)
+    policy = Policy(model_dir, optim, micro_batch_size=2)
+    critic = Critic(model_dir, True, optim, 10.0, micro_batch_size=2)
+    policy.load_state(f"{ckpt}/policy")
+    critic.load_state(f"{ckpt}/critic")
+    part.values = torch.zeros_like(part.loss_mask, dtype=torch.float32)
+    part.returns = part.loss_mask.float()
+    metrics = policy.update(part, scale, loss)
+    critic.update(part, scale)
+    weights, values = policy.state_dict_bytes(), critic.values(part)
+    torch.save(values, f"{out}/resumed_values{rank}.pt")
+    if rank == 0:
+        Path(f"{out}/resumed.safetensors").write_bytes(weights)
+        Path(f"{out}/metrics.json").write_text(json.dumps(metrics))
+    _finish()
+
+
 def _spawn(fn, world: int, model_dir: str, out: Path) -> Path:  # noqa: ANN001
     out.mkdir(parents=True)
     mp.spawn(fn, args=(world, _free_port(), model_dir, str(out)), nprocs=world, join=True)
@@ -207,8 +247,30 @@ def runs(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         "w1": _spawn(_scenario_update, 1, model_dir, root / "w1"),
         "grpo": _spawn(_scenario_grpo, 2, model_dir, root / "grpo"),
         "budget": _spawn(_scenario_budget, 2, model_dir, root / "budget"),
+        "save": _spawn(_scenario_resume, 2, model_dir, root / "save"),
+        "load": _spawn(_scenario_resume, 1, model_dir, root / "load"),
         "root": root,
     }
+
+
+def test_train_state_resumes_bitwise_and_reshards(runs: dict[str, Path]) -> None:
+    """A saved and reloaded policy and critic take the same next update as ones that never
+    stopped: bitwise on the same world size, within float error on another (1 rank)."""
+    straight = safetensors.torch.load_file(runs["save"] / "straight.safetensors")
+    resumed = safetensors.torch.load_file(runs["save"] / "resumed.safetensors")
+    resharded = safetensors.torch.load_file(runs["load"] / "resumed.safetensors")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+        assert torch.allclose(straight[k], resharded[k], atol=1e-6), k
+    lr = json.loads((runs["save"] / "metrics.json").read_text())["lr"]
+    assert lr == pytest.approx(1e-3 * 2 / 4, rel=1e-6)  # the warm-up's second step
+    for r in (0, 1):
+        a = torch.load(runs["save"] / f"straight_values{r}.pt")
+        b = torch.load(runs["save"] / f"resumed_values{r}.pt")
+        assert torch.equal(a, b)
+    whole = torch.cat([torch.load(runs["save"] / f"straight_values{r}.pt") for r in (0, 1)])
+    alone = torch.load(runs["load"] / "resumed_values0.pt")
+    assert torch.allclose(whole[:, : alone.shape[1]], alone[:, : whole.shape[1]], atol=1e-5)
 
 
 def test_sharded_logprobs_match_unsharded_hf(runs: dict[str, Path], model_dir: str) -> None:

@@ -1,33 +1,87 @@
-"""`python -m toolrl.main` end to end on a few steps: metrics, wandb files and a checkpoint
-that transformers and vLLM both load.
+"""`python -m toolrl.main` end to end on a few steps, stopped by SIGTERM mid-run and resumed:
+the stop (exit status, saved step, no process left), the resumed run's metrics, wandb files
+and a final checkpoint that transformers and vLLM both load.
 
     python -m pytest tests/integration/test_main.py
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
+import uuid
+from pathlib import Path
 
+import pytest
 import torch
 
+from tests.integration import runs
 from tests.integration.conftest import run_main
+from toolrl import checkpoint
+
+# 4 steps, a checkpoint after 2; SIGTERM arrives once 3 are done, so the stop saves step 3.
+SHORT = (
+    "+experiment=smoke",
+    "trainer.total_steps=4",
+    "trainer.save_every=2",
+    "trainer.eval_every=2",
+    "logger.wandb_mode=offline",
+)
 
 
-def test_short_run_writes_metrics_and_a_loadable_checkpoint(tmp_path, embedded_model):
-    run_dir = tmp_path / "run"
-    rows = run_main(run_dir, "+experiment=smoke", "logger.wandb_mode=offline")
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory, embedded_model: str) -> dict:
+    """A run sent SIGTERM during its fourth step, then the same command run again."""
+    run_dir, mark = tmp_path_factory.mktemp("main") / "run", uuid.uuid4().hex
+    proc = runs.start(run_dir, mark, *SHORT)
+    try:
+        runs.wait_until(runs.has_step(run_dir, 2), proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+        left = runs.none_left(mark)
+    finally:
+        proc.kill()
+        runs.kill_marked(mark)
+    saved = checkpoint.latest(run_dir / "checkpoints")
+    stop = {"code": code, "left": left, "err": Path(f"{run_dir}.err").read_text()}
+    stop |= {"saved": saved and checkpoint.read_state(saved)["step"], "rows": runs.rows(run_dir)}
+    return {"dir": run_dir, "stop": stop, "rows": run_main(run_dir, *SHORT)}
+
+
+def test_sigterm_saves_the_last_completed_step_exits_143_and_leaves_nothing(stopped) -> None:
+    stop = stopped["stop"]
+    assert stop["code"] == 128 + signal.SIGTERM, stop["err"][-3000:]
+    assert not stop["left"], stop["left"]
+    # The last completed step, past the periodic checkpoint at step 2 (3, or 4 when the
+    # signal came during the fourth step's update, which is always finished).
+    assert stop["saved"] in (3, 4)
+    assert f"stopped by SIGTERM after {stop['saved']} training steps" in stop["err"]
+    assert max(r["step"] for r in stop["rows"]) < 4  # it did not finish
+
+
+def test_the_resumed_run_logs_each_step_once_and_continues_wandb(stopped) -> None:
+    rows, run_dir = stopped["rows"], stopped["dir"]
+    assert [r["step"] for r in rows if "train/reward" in r] == [0, 1, 2, 3]
+    assert [r["step"] for r in rows if "eval/reward" in r] == [0, 2, 4]
+    assert checkpoint.latest(run_dir / "checkpoints").name == "step_00000004"
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1  # one wandb run id across both processes
+
+
+def test_short_run_writes_metrics_and_a_loadable_checkpoint(
+    stopped, embedded_model, tmp_path
+) -> None:
+    run_dir, rows = stopped["dir"], stopped["rows"]
     steps = [r for r in rows if "train/reward" in r]
-    assert [r["step"] for r in steps] == [0, 1]
     for key in ("train/tool_calls", "train/turns", "time/rollout_s", "perf/rollout_tokens_per_s",
-                "rollout/logprob_diff_max", "train/loss"):  # fmt: skip
+                "rollout/logprob_diff_max", "train/loss", "faults/rollout_worker_restarts"):  # fmt: skip
         assert key in steps[0], key
     assert steps[0]["rollout/logprob_diff_max"] < 1e-4
     assert steps[0]["rollout/logprob_diff_max_turn0"] < 1e-4  # and per assistant turn
-    evals = [r for r in rows if "eval/reward" in r]
-    assert len(evals) == 2 and 0.0 <= evals[-1]["eval/reward"] <= 1.0
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert steps[-1]["rollout/logprob_diff_max"] < 1e-4  # also after a resume's weight push
+    assert 0.0 <= rows[-1]["eval/reward"] <= 1.0
 
     ckpt = run_dir / "checkpoint"
     from transformers import AutoModelForCausalLM, AutoTokenizer

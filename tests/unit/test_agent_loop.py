@@ -82,6 +82,8 @@ class Recorder(StatelessTool):
             raise ToolInfraError("sandbox died")
         if self.behaviour == "wait":
             await self.release.wait()
+        if self.behaviour == "flood":  # 10 MB, and a second call after it
+            return "ab" * 5_000_000, True
         return f"rec:{arguments.get('expression')}", True
 
 
@@ -247,6 +249,18 @@ def test_parallel_calls_wait_for_one_open_and_long_output_is_cut(tok):
         kept, marker = r.content.split("\n[output truncated: ")
         assert set(kept) == {"x"} and len(chat._encode_plain(kept)) == 3, r.content
         assert marker == f"{full - 3} more tokens]"
+
+
+def test_a_10_mb_tool_answer_is_cut_by_characters_without_tokenizing_it_all(tok):
+    loop, _, chat = make_loop(
+        tok, replies(call("a", name="rec") + "<|im_end|>", "done<|im_end|>"),
+        tools={"rec": Recorder("flood")}, max_tool_output_tokens=8,
+    )  # fmt: skip
+    t = run(loop)
+    kept, marker = t.turns[0].results[0].content.split("\n[output truncated: ")
+    assert kept and set(kept) <= {"a", "b"} and len(chat._encode_plain(kept)) <= 8
+    assert marker == f"{10_000_000 - len(kept)} more characters]"
+    assert t.info["final_text"] == "done"  # the trajectory goes on
 
 
 def test_a_session_that_cannot_open_is_an_infra_fault(tok):

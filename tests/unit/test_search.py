@@ -199,11 +199,47 @@ def test_http_retriever_happy_path(server_url: str) -> None:
     assert ok and text == "1. Doc 0: about tides\n2. Doc 1: about tides"
 
 
+class _FlakyHandler(_SearchR1Handler):
+    """Answers 503 to the first `fail` requests of the server, then as Search-R1 does."""
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.server.seen += 1
+        if self.server.seen <= self.server.fail:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_POST()
+
+
+@pytest.mark.parametrize("fail, retries, ok", [(2, 2, True), (3, 2, False), (1, 0, False)])
+def test_http_retriever_retries_with_backoff_before_an_infra_fault(fail, retries, ok) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
+    server.seen, server.fail = 0, fail
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/retrieve"
+    retriever = HTTPRetriever(url, timeout_s=2.0, retries=retries, backoff_s=0.01)
+    try:
+        if ok:  # it failed twice, then answered: the model sees passages, not an error
+            assert [r["id"] for r in search(retriever, "tides", k=2)] == ["0", "1"]
+        else:
+            with pytest.raises(ToolInfraError, match=f"{retries + 1} attempts.*503"):
+                search(retriever, "tides")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=2)
+    assert server.seen == min(fail + 1, retries + 1)
+    assert retriever.attempts_failed == min(fail, retries + 1)
+
+
 def test_http_retriever_connection_failure_is_infra_error() -> None:
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    retriever = HTTPRetriever(f"http://127.0.0.1:{port}/retrieve", timeout_s=1.0)
+    retriever = HTTPRetriever(f"http://127.0.0.1:{port}/retrieve", timeout_s=1.0, backoff_s=0.01)
     with pytest.raises(ToolInfraError):
         search(retriever, "anything")
     with pytest.raises(ToolInfraError):  # the tool lets infrastructure faults through

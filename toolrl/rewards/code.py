@@ -324,7 +324,7 @@ class _Trial:
         cfg, uid = self.owner.cfg, None
         if self.host.per_sandbox_uid:  # root: an unused uid of its own caps its processes
             uid = cfg.uid_base + random.randrange(1_000_000)
-        sandbox = Sandbox(cfg, [], self.host.nproc_cap, uid)
+        sandbox = Sandbox(cfg, [], self.host, uid)
         try:
             await asyncio.wait_for(sandbox.start(), min(left, _START_LIMIT_S))
         except TimeoutError:

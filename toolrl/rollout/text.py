@@ -58,6 +58,11 @@ def _children(seq: Any) -> list[Any]:
             return out
 
 
+# Tool text longer than this many characters per kept token is cut by characters first;
+# no real vocabulary has tokens this long.
+MAX_CHARS_PER_TOKEN = 64
+
+
 class PlainText:
     def __init__(self, tokenizer: Any) -> None:
         self.tok = tokenizer
@@ -88,7 +93,13 @@ class PlainText:
 
     def truncate(self, text: str, max_tokens: int) -> str:
         """`text` cut to its first `max_tokens` tokens (as plain text), with a marker saying how
-        many were cut, so a tool's flood costs a bounded share of the context."""
+        many were cut, so a tool's flood costs a bounded share of the context. A flood of
+        more than MAX_CHARS_PER_TOKEN characters per kept token is cut to that many characters
+        first and counted in characters: tokenizing 10 MB would stall the rollout worker."""
+        cap = max_tokens * MAX_CHARS_PER_TOKEN
+        if len(text) > cap:
+            kept = self.truncate(text[:cap], max_tokens).split("\n[output truncated: ")[0]
+            return kept + f"\n[output truncated: {len(text) - len(kept)} more characters]"
         ids = self.encode(text)
         if len(ids) <= max_tokens:
             return text

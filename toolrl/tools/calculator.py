@@ -83,6 +83,11 @@ class Calculator(StatelessTool):
         self._limit = 10**self.max_digits  # every |value| must stay below this
         self._limit_bits = self._limit.bit_length()
 
+    @staticmethod
+    def preflight(**kwargs: Any) -> None:
+        """Its argument checks, run by config validation before Ray starts."""
+        Calculator(**kwargs)
+
     def schema(self) -> dict[str, Any]:
         return copy.deepcopy(CALCULATOR_SCHEMA)
 

@@ -9,6 +9,10 @@ Each sandbox is `bwrap` running `sandbox_worker.py` under the system Python, wit
     environment  empty but PATH, HOME and TMPDIR (bwrap itself is started with an empty one too,
                  so not even /proc/1/environ holds a host variable)
     rlimits      CPU seconds, address space, file size, stack; processes too (see below)
+    memory       a memory cgroup per sandbox (toolrl.tools.cgroup) caps the whole sandbox at
+                 memory_mb, forked processes included, where one can be created (root, or a
+                 delegated subtree). Elsewhere the rlimits bound the total instead: each
+                 process gets memory_mb / max_processes of address space
     output       stdout and stderr go to a file on its own tiny tmpfs, so a flood fails with
                  ENOSPC instead of filling host memory
     time         the host kills the whole process group when a call overruns its wall time
@@ -39,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolrl.tools.cgroup import MemoryCgroup, Parent, memory_parent
+
 log = logging.getLogger(__name__)
 
 _WORKER_SOURCE = (Path(__file__).parent / "sandbox_worker.py").read_text()
@@ -52,7 +58,8 @@ class SandboxConfig:
     python: str = "/usr/bin/python3"  # the interpreter inside; it must live under ro_binds
     ro_binds: list[str] = field(default_factory=lambda: ["/usr"])
     cpu_seconds: int = 30  # CPU time of each process over the whole session
-    memory_mb: int = 1024  # address space of each process
+    memory_mb: int = 1024  # the whole sandbox (see the module docstring)
+    memory_cgroup: str = "auto"  # auto: a cgroup where one can be made; off: rlimits only
     max_processes: int = 16
     scratch_mb: int = 32  # the private writable /scratch (also the largest file)
     max_output_bytes: int = 16384  # stdout + stderr of one call; the rest is cut
@@ -76,6 +83,8 @@ class SandboxConfig:
                 out.append(f"{name} must be >= 1")
         if not 0 < self.uid_base < 2**31 - 1_000_000:
             out.append("uid_base must be in (0, 2**31 - 1e6): sandboxes take uids above it")
+        if self.memory_cgroup not in ("auto", "off"):
+            out.append(f"memory_cgroup is {self.memory_cgroup!r}; use auto or off")
         if self.max_output_bytes < 64:
             out.append("max_output_bytes must be >= 64")
         return out
@@ -98,17 +107,18 @@ ToolHandler = Callable[[str, dict[str, Any]], Awaitable[str]]
 class Sandbox:
     """One sandboxed Python process: a session's state lives in it until it is killed."""
 
-    def __init__(self, cfg: SandboxConfig, exposed: list[str], nproc_cap: int, uid: int | None):
-        self.cfg, self.exposed, self.nproc_cap, self.uid = cfg, exposed, nproc_cap, uid
+    def __init__(self, cfg: SandboxConfig, exposed: list[str], host: HostReport, uid: int | None):
+        self.cfg, self.exposed, self.host, self.uid = cfg, exposed, host, uid
         self.proc: asyncio.subprocess.Process | None = None
         self._scratch: str | None = None  # isolation=none only: a host temp dir as scratch
+        self.cgroup: MemoryCgroup | None = None
 
     def _limits(self) -> dict[str, Any]:
         c = self.cfg
         return {
             "cpu_seconds": c.cpu_seconds,
-            "memory_bytes": c.memory_mb << 20,
-            "max_processes": self.nproc_cap,
+            "memory_bytes": self.host.process_memory_mb << 20,
+            "max_processes": self.host.nproc_cap,
             "max_file_bytes": c.scratch_mb << 20,
             "stack_bytes": c.stack_mb << 20,
             "max_output_bytes": c.max_output_bytes,
@@ -156,6 +166,18 @@ class Sandbox:
                 f"--regid={self.uid}",
                 "--clear-groups",
             ] + argv
+        if self.host.memory is not None:  # joined first, while still allowed to (root)
+            self.cgroup = MemoryCgroup.create(self.host.memory, self.cfg.memory_mb << 20)
+            argv = self.cgroup.join_argv() + argv
+        try:
+            await self._spawn(argv, env)
+        except BaseException:
+            self.kill()
+            if self.cgroup is not None:
+                self.cgroup.remove()  # its process never ran, or is killed and waited for
+            raise
+
+    async def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
         spawn = asyncio.ensure_future(
             asyncio.create_subprocess_exec(
                 *argv,
@@ -242,6 +264,10 @@ class Sandbox:
         if self.proc is not None:
             await self.proc.wait()
             self._close_pipes()
+        for _ in range(200):  # bwrap's children may take a moment to leave a killed cgroup
+            if self.cgroup is None or self.cgroup.remove():
+                break
+            await asyncio.sleep(0.01)
 
     def _close_pipes(self) -> None:
         transport = getattr(self.proc, "_transport", None)
@@ -278,11 +304,13 @@ class SandboxPool:
         uid = None
         if self.report.per_sandbox_uid:
             uid = self.cfg.uid_base + random.randrange(1_000_000)  # an unused uid of its own
-        return Sandbox(self.cfg, self.exposed, self.report.nproc_cap, uid)
+        return Sandbox(self.cfg, self.exposed, self.report, uid)
 
     async def acquire(self) -> Sandbox:
         sandbox = self._ready.pop() if self._ready else None
         if sandbox is None or sandbox.proc is None or sandbox.proc.returncode is not None:
+            if sandbox is not None:
+                await sandbox.close()  # died while warm: its pipes and cgroup go too
             sandbox = self._new()
             async with self._starting:
                 await sandbox.start()
@@ -317,6 +345,8 @@ class HostReport:
     per_sandbox_uid: bool
     nproc_cap: int
     unenforced: list[str]
+    memory: Parent | None = None  # where sandboxes' memory cgroups go; None: rlimits only
+    process_memory_mb: int = 1024  # each process's address space
 
     def lines(self) -> list[str]:
         return [f"UNENFORCED: {u}" for u in self.unenforced] or ["all limits enforced"]
@@ -341,15 +371,30 @@ def check_host(cfg: SandboxConfig, pool_size: int = 1) -> HostReport:
             "isolation=none: model code runs with this user's file system, network and "
             "environment; only the rlimits and the wall timeout apply"
         )
-    if cfg.isolation == "bwrap" and os.geteuid() == 0 and shutil.which("setpriv"):
-        return HostReport(True, cfg.max_processes, gaps)
+    per_uid = cfg.isolation == "bwrap" and os.geteuid() == 0 and bool(shutil.which("setpriv"))
+    if per_uid:
+        cap = cfg.max_processes
+    else:
+        gaps.append(
+            "not root (or no setpriv, or isolation=none), so sandboxes share this user's "
+            "process count: RLIMIT_NPROC is set to the current count plus max_processes x "
+            "pool size, an allowance they share"
+        )
+        cap = _user_process_count() + cfg.max_processes * max(pool_size, 1)
+    memory = memory_parent() if cfg.memory_cgroup == "auto" else None
+    if memory is not None:
+        return HostReport(per_uid, cap, gaps, memory, cfg.memory_mb)
+    share = max(cfg.memory_mb // cfg.max_processes, 1)
     gaps.append(
-        "not root (or no setpriv, or isolation=none), so sandboxes share this user's process "
-        "count: RLIMIT_NPROC "
-        "is set to the current count plus max_processes x pool size, an allowance they share"
+        f"no memory cgroup (memory_cgroup={cfg.memory_cgroup}, or none can be created here), "
+        f"so each process gets memory_mb / max_processes = {share} MB of address space: "
+        + (
+            "a sandbox holds at most memory_mb"
+            if per_uid
+            else "the pool's sandboxes together hold at most memory_mb x pool size"
+        )  # fmt: skip
     )
-    cap = _user_process_count() + cfg.max_processes * max(pool_size, 1)
-    return HostReport(False, cap, gaps)
+    return HostReport(per_uid, cap, gaps, None, share)
 
 
 def log_report(report: HostReport) -> None:
@@ -379,7 +424,7 @@ if os.getpid() > 2:
 
 async def probe(cfg: SandboxConfig) -> list[str]:
     """Start one sandbox and check from inside what it isolates; return what it does not."""
-    sandbox = Sandbox(cfg, [], check_host(cfg).nproc_cap, None)
+    sandbox = Sandbox(cfg, [], check_host(cfg), None)
     await sandbox.start()
     try:
         result = await sandbox.run(_PROBE, lambda name, args: asyncio.sleep(0, ""))

@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import re
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -138,10 +139,19 @@ class BM25Retriever:
 
 @dataclass
 class HTTPRetriever:
-    """Client of a Search-R1-style retrieval server (POST {"queries", "topk"})."""
+    """Client of a Search-R1-style retrieval server (POST {"queries", "topk"}). A connection
+    failure, a timeout, a 429 or a 5xx answer is retried `retries` times, waiting backoff_s,
+    then twice that, ...; only then, or once `deadline_s` is spent, is it an infrastructure
+    fault (the trajectory leaves the loss). Keep deadline_s below rollout.tool_timeout_s,
+    or the loop's timeout cuts the call first and the model reads it as a tool error.
+    `attempts_failed` counts the failed attempts so far (retried or not)."""
 
     url: str
-    timeout_s: float = 10.0
+    timeout_s: float = 3.0  # per attempt
+    retries: int = 2
+    backoff_s: float = 0.5
+    deadline_s: float = 8.0  # all attempts and waits together
+    attempts_failed: int = field(default=0, init=False, compare=False)
 
     async def search(self, query: str, k: int) -> list[dict[str, Any]]:
         answer = await asyncio.to_thread(self._post, {"queries": [query], "topk": k})
@@ -159,11 +169,29 @@ class HTTPRetriever:
             headers={"Content-Type": "application/json"},
             method="POST",
         )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read().decode("utf-8"))
-        except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError is a URLError
-            raise ToolInfraError(f"retriever at {self.url} failed: {e}") from e
+        end = time.monotonic() + self.deadline_s
+        for attempt in range(self.retries + 1):
+            timeout = min(self.timeout_s, end - time.monotonic())
+            try:
+                if timeout <= 0:
+                    raise TimeoutError(f"no time left of deadline_s={self.deadline_s:g}")
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    return json.loads(response.read().decode("utf-8"))
+            except ValueError as e:  # not JSON: asking again will not help
+                raise ToolInfraError(f"retriever at {self.url} answered no JSON: {e}") from e
+            except (urllib.error.URLError, OSError) as e:  # HTTPError is a URLError
+                self.attempts_failed += 1
+                client_error = isinstance(e, urllib.error.HTTPError) and e.code not in RETRIED
+                wait = self.backoff_s * 2**attempt
+                if client_error or attempt == self.retries or time.monotonic() + wait >= end:
+                    raise ToolInfraError(
+                        f"retriever at {self.url} failed ({attempt + 1} attempts): {e}"
+                    ) from e
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+RETRIED = (429, 500, 502, 503, 504)  # HTTP codes worth asking again
 
 
 def _normalise(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ to the least loaded engine, and it pushes new weights into every engine after an
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,9 @@ from toolrl.rollout.protocols.base import RolloutProtocol
 from toolrl.rollout.text import PlainText
 from toolrl.rollout.trajectory import Trajectory
 from toolrl.workers.router import Router, approx_prompt_tokens, prompt_groups, schedule
+
+log = logging.getLogger(__name__)
+MAX_RESTARTS = 2  # a worker dying again at once on the same episodes is not bad luck
 
 
 @dataclass
@@ -134,9 +138,16 @@ class RolloutGroup:
         num_gpus: float = 0.0,
         max_inflight: int = 256,
     ) -> None:
-        actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RolloutWorker)
-        self.workers = [actor.remote(spec) for _ in range(num_workers)]
+        self._actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RolloutWorker)
+        self._spec = spec
+        self.workers = [self._actor.remote(spec) for _ in range(num_workers)]
         self.max_inflight = max_inflight
+        self.restarts = 0  # workers started again after theirs died (see _collect)
+        self._closing = False
+        # The last pushed weights, held until the next push for a restarted worker to load:
+        # ("file", path in rank 0's shared memory, version) or ("ref", object ref, version).
+        self._last: tuple[str, Any, int] | None = None
+        self._last_train: Any = None  # the group whose rank 0 wrote the file
         # what one sample may add: its turns' budgets, within the trajectory's token budget
         max_new = int(spec.sampler.get("max_new_tokens", spec.loop.max_total_tokens))
         self.budget = min(max_new * spec.loop.max_turns, spec.loop.max_total_tokens)
@@ -159,45 +170,103 @@ class RolloutGroup:
         router = Router(len(self.workers), self.max_inflight)
         out: list[Trajectory | None] = [None] * len(episodes)
 
+        sent_to: dict[ray.ObjectRef, tuple[int, Any]] = {}  # call -> (engine, its worker)
+
         def submit(engine: int, batch: list[Any]) -> ray.ObjectRef:
             eps = [ep for group in batch for ep in group.episodes]
-            return self.workers[engine].rollout.remote(eps, evaluate)
+            worker = self.workers[engine]
+            ref = worker.rollout.remote(eps, evaluate)
+            sent_to[ref] = (engine, worker)
+            return ref
 
         def wait_one(handles: list[ray.ObjectRef]) -> ray.ObjectRef:
             return ray.wait(handles, num_returns=1)[0][0]
 
         for batch, ref in schedule(groups, router, submit, wait_one):
+            eps = [ep for group in batch for ep in group.episodes]
             positions = [pos for group in batch for pos in group.positions]
-            for pos, traj in zip(positions, ray.get(ref), strict=True):
+            trajs = self._collect(ref, *sent_to.pop(ref), eps, evaluate)
+            for pos, traj in zip(positions, trajs, strict=True):
                 out[pos] = traj
         self.last_rollout_s = time.perf_counter() - start  # its own duration, overlapped or not
         return out  # type: ignore[return-value]
 
+    def _collect(
+        self, ref: ray.ObjectRef, engine: int, worker: Any, episodes: list[Episode], evaluate: bool
+    ) -> list[Trajectory]:
+        """The trajectories of one call. When its worker's process died, a new worker takes
+        its place with the last pushed weights and runs the same episodes again (their seeds
+        make them the same samples); up to MAX_RESTARTS times in a row."""
+        for attempt in range(MAX_RESTARTS + 1):
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if self._closing:  # shut down under a rollout that was given up
+                    raise
+                if attempt == MAX_RESTARTS:
+                    raise RuntimeError(
+                        f"rollout worker {engine} died {attempt + 1} times in a row running "
+                        "the same episodes; see its log under /tmp/ray/session_latest/logs"
+                    ) from e
+                if self.workers[engine] is worker:  # not replaced yet for another of its calls
+                    log.warning("rollout worker %d died (%s); starting another", engine, e)
+                    self._restart(engine)
+                worker = self.workers[engine]
+                ref = worker.rollout.remote(episodes, evaluate)
+        raise AssertionError("unreachable")
+
+    def _restart(self, engine: int) -> None:
+        ray.kill(self.workers[engine], no_restart=True)
+        worker = self._actor.remote(self._spec)
+        ray.get(worker.ready.remote())
+        if self._last is not None:  # pushes never overlap a rollout: these are current
+            kind, source, version = self._last
+            load = worker.load_weights_file if kind == "file" else worker.load_weights
+            ray.get(load.remote(source, version))
+        self.workers[engine] = worker
+        self.restarts += 1
+
     def load_weights(self, safetensors_bytes: bytes, version: int) -> None:
+        self._keep(None, None)  # the previous push's copy goes first: one copy at a time
         ref = ray.put(safetensors_bytes)  # one copy in the object store, read by every worker
         ray.get([w.load_weights.remote(ref, version) for w in self.workers])
+        self._keep(("ref", ref, version), None)
 
     def load_weights_from(self, train: Any, version: int) -> str:
         """Load the policy's current weights (a TrainGroup's) into every engine. When every
         engine shares the node of the policy's rank 0, that rank writes one safetensors file
         to shared memory and the engines read it: no copy through the object store and the
-        driver. Otherwise the bytes travel through the object store. Returns which way."""
-        if self.node_ids != {train.node_id}:
-            self.load_weights(train.weights(), version)
-            return "object_store"
-        path = train.write_weights()
-        if path is None:  # no room in rank 0's shared memory for one more copy
+        driver. Otherwise the bytes travel through the object store. Returns which way.
+        The copy stays (a file in shared memory, or the object) until the next push, for a
+        worker restarted in between; a push never overlaps a rollout."""
+        self._keep(None, None)  # the previous push's copy goes first: one copy at a time
+        path = train.write_weights() if self.node_ids == {train.node_id} else None
+        if path is None:  # another node, or no room in rank 0's shared memory for a copy
             self.load_weights(train.weights(), version)
             return "object_store"
         try:
             ray.get([w.load_weights_file.remote(path, version) for w in self.workers])
-        finally:
+        except BaseException:
             train.remove_weights(path)
+            raise
+        self._keep(("file", path, version), train)
         return "shared_memory"
 
+    def _keep(self, last: tuple[str, Any, int] | None, train: Any) -> None:
+        """Hold the weights just pushed (for a restart) and let go of the ones before."""
+        old, old_train = self._last, self._last_train
+        self._last, self._last_train = last, train
+        if old is not None and old[0] == "file":
+            old_train.remove_weights(old[1])
+
     def shutdown(self) -> None:
-        # a rollout still in flight (an update failed mid-overlap) is dropped, not awaited
+        # a rollout still in flight (an update failed mid-overlap, a stop) is dropped
+        self._closing = True
         self._dispatch.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._keep(None, None)  # the last weights file, while its group still runs
+        except Exception as e:  # the group is gone already: the file dies with the node
+            log.warning("could not remove the last weights file: %s", e)
         ray.get([w.shutdown.remote() for w in self.workers])  # stop vLLM's processes first
         for w in self.workers:
             ray.kill(w)

@@ -124,6 +124,17 @@ class TrainWorker:
     def save_hf(self, out_dir: str, tokenizer_src: str | None) -> None:
         self.policy.save_hf(out_dir, tokenizer_src)
 
+    def save_state(self, folder: str) -> None:
+        """Every role with training state under `folder`: policy/, critic/ (DCP, sharded)."""
+        for name, role in (("policy", self.policy), ("critic", self.critic)):
+            if role is not None:
+                role.save_state(os.path.join(folder, name))
+
+    def load_state(self, folder: str) -> None:
+        for name, role in (("policy", self.policy), ("critic", self.critic)):
+            if role is not None:
+                role.load_state(os.path.join(folder, name))
+
     def shutdown(self) -> None:
         dist.destroy_process_group()
 
@@ -201,6 +212,14 @@ class TrainGroup:
 
     def save_hf(self, out_dir: str, tokenizer_src: str | None) -> None:
         ray.get([w.save_hf.remote(out_dir, tokenizer_src) for w in self.workers])
+
+    def save_state(self, folder: str) -> None:
+        """Sharded weights, optimizer and schedule of every trained role (the reference is
+        the start model and is not saved); see toolrl.workers.train_state."""
+        ray.get([w.save_state.remote(folder) for w in self.workers])
+
+    def load_state(self, folder: str) -> None:
+        ray.get([w.load_state.remote(folder) for w in self.workers])
 
     def shutdown(self) -> None:
         ray.get([w.shutdown.remote() for w in self.workers])

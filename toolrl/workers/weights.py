@@ -30,8 +30,24 @@ def shm_dir() -> str:
 
 
 def new_weights_file() -> str:
-    """A new, empty weight hand-off file in `shm_dir()`; the caller fills and removes it."""
-    fd, path = tempfile.mkstemp(prefix="toolrl-weights-", suffix=".safetensors", dir=shm_dir())
+    """A new, empty weight hand-off file in `shm_dir()`, named by this process's pid; the
+    caller fills and removes it. Files of processes that are gone (a run killed with
+    SIGKILL while the engines held its last weights) are removed first."""
+    folder = shm_dir()
+    for name in os.listdir(folder):
+        parts = name.split("-")
+        if name.startswith("toolrl-weights-") and len(parts) > 3 and parts[2].isdigit():
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except OSError:
+                    pass
+            except PermissionError:  # another user's live process
+                pass
+    prefix = f"toolrl-weights-{os.getpid()}-"
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".safetensors", dir=folder)
     os.close(fd)
     return path
 
