@@ -395,7 +395,7 @@ def validate(cfg: Config) -> None:
     from toolrl.algo.checks import check_algorithm  # no torch: the checks import no tensors
 
     needs_critic = check_algorithm(cfg)
-    _check_cpus(cfg, needs_critic)
+    _check_resources(cfg, needs_critic)
     check(
         cfg.logger.wandb_mode in ("offline", "online", "disabled"),
         "logger.wandb_mode",
@@ -590,15 +590,13 @@ def _check_samplers(cfg: Config) -> None:
     )
 
 
-def _check_cpus(cfg: Config, needs_critic: bool = False) -> None:
-    """On a local cluster, Ray would leave actors pending forever if they ask for too many CPUs."""
+def _check_resources(cfg: Config, needs_critic: bool = False) -> None:
+    """On a local cluster, Ray would leave actors pending forever if they ask for more CPUs or
+    GPUs than the machine has."""
     if cfg.ray.address:
         return
     have = cfg.ray.num_cpus or os.cpu_count() or 1
-    r, g, c = cfg.rollout, cfg.trainer.train_group, cfg.algorithm.critic
-    need = r.num_workers * r.num_cpus_per_worker + g.world_size * g.num_cpus_per_worker
-    if needs_critic and not c.colocate:
-        need += c.group.world_size * c.group.num_cpus_per_worker
+    need = _asked(cfg, needs_critic, "num_cpus_per_worker")
     check(
         need <= have,
         "rollout.num_cpus_per_worker",
@@ -606,9 +604,7 @@ def _check_cpus(cfg: Config, needs_critic: bool = False) -> None:
         "rollout.num_cpus_per_worker or trainer.train_group.num_cpus_per_worker (they may be "
         "fractions) or the number of workers",
     )
-    gpus = r.num_workers * r.num_gpus_per_worker + g.world_size * g.num_gpus_per_worker
-    if needs_critic and not c.colocate:
-        gpus += c.group.world_size * c.group.num_gpus_per_worker
+    gpus = _asked(cfg, needs_critic, "num_gpus_per_worker")
     if gpus > 0:
         have_gpus = local_gpu_count()
         check(
@@ -618,6 +614,15 @@ def _check_cpus(cfg: Config, needs_critic: bool = False) -> None:
             "rollout.num_gpus_per_worker and trainer.train_group.num_gpus_per_worker to 0 on a "
             "CPU machine, or lower the number of workers",
         )
+
+
+def _asked(cfg: Config, needs_critic: bool, per_worker: str) -> float:
+    """What all actors ask Ray for of one resource (`per_worker` names its config field)."""
+    r, g, c = cfg.rollout, cfg.trainer.train_group, cfg.algorithm.critic
+    total = r.num_workers * getattr(r, per_worker) + g.world_size * getattr(g, per_worker)
+    if needs_critic and not c.colocate:
+        total += c.group.world_size * getattr(c.group, per_worker)
+    return total
 
 
 def local_gpu_count() -> int:

@@ -126,19 +126,16 @@ PROMPTS_CHECKED = 2000  # a dataset's first prompts; longer ones are task.max_pr
 def check_prompts_fit(cfg: Config, task: Any, tokenizer: Any, chat_template: str | None) -> None:
     """Every (checked) prompt, rendered with the schemas of the tools it offers (with chat
     tool turns), must leave room to sample within rollout.max_total_tokens."""
-    from toolrl.rollout.chat import render_chat
-
+    count = token_counter(tokenizer, chat_template, cfg.model.chat_template_kwargs)
     schemas = {}
     if _chat_tool_turns(cfg):
         schemas = {name: instantiate(spec).schema() for name, spec in cfg.tools.items()}
-    kwargs = cfg.model.chat_template_kwargs
     prompts = task.prompts("train")[:PROMPTS_CHECKED]
     prompts += task.prompts("eval")[: cfg.trainer.eval_prompts]
     longest = 0
     for p in prompts:
         tools = [schemas[n] for n in (schemas if p.tools is None else p.tools) if n in schemas]
-        text = render_chat(tokenizer, p.messages, True, tools or None, chat_template, kwargs)
-        longest = max(longest, len(tokenizer.encode(text, add_special_tokens=False)))
+        longest = max(longest, count(p.messages, tools or None))
     budget = cfg.rollout.max_total_tokens
     if longest >= budget:
         raise ConfigError(
@@ -268,13 +265,14 @@ def rollout_spec(cfg: Config, model_path: str, chat_template: str | None) -> Any
 def token_counter(
     tokenizer: Any, chat_template: str | None = None, template_kwargs: dict[str, Any] | None = None
 ) -> Any:
-    """The length of a prompt as the chat template renders it for generation, without the
-    tools' schemas (a row's own tools are known only per row, in the rollout), with the run's
-    template control: `chat_template` (model.chat_template's text) and `template_kwargs`."""
+    """The length of a prompt as the chat template renders it for generation, with the run's
+    template control: `chat_template` (model.chat_template's text) and `template_kwargs`;
+    without tools' schemas unless given `tools` (tasks count without: a row's own tools are
+    known only per row, in the rollout)."""
     from toolrl.rollout.chat import render_chat
 
-    def count_tokens(messages: list[dict[str, Any]]) -> int:
-        text = render_chat(tokenizer, messages, True, None, chat_template, template_kwargs)
+    def count_tokens(messages: list[dict[str, Any]], tools: list | None = None) -> int:
+        text = render_chat(tokenizer, messages, True, tools, chat_template, template_kwargs)
         return len(tokenizer.encode(text, add_special_tokens=False))
 
     return count_tokens

@@ -120,9 +120,8 @@ class Trainer:
     def _save(self, step: int) -> int:
         """Checkpoint the state after `step` training steps (toolrl.checkpoint); returns step."""
         tmp = self.checkpointer.begin(step)
-        self.train.save_state(str(tmp / "train"))
-        if self.critic is not None and self.critic is not self.train:
-            self.critic.save_state(str(tmp / "train"))
+        for group in self._trained_groups():
+            group.save_state(str(tmp / "train"))
         save_driver_rng(tmp)
         state = {
             "step": step,
@@ -137,13 +136,17 @@ class Trainer:
     def _restore(self, path: Path) -> int:
         """Load a checkpoint into the groups and the engines; returns its step."""
         state = read_state(path)
-        self.train.load_state(str(path / "train"))
-        if self.critic is not None and self.critic is not self.train:
-            self.critic.load_state(str(path / "train"))
+        for group in self._trained_groups():
+            group.load_state(str(path / "train"))
         self.order.load_state_dict(state["prompt_order"])
         restore_driver_rng(path)
         self._push_weights(state["step"])
         return state["step"]
+
+    def _trained_groups(self) -> list[TrainGroup]:
+        """The groups holding trained state: the policy's, and the critic's when apart."""
+        apart = self.critic is not None and self.critic is not self.train
+        return [self.train, self.critic] if apart else [self.train]
 
     def _roll(self, episodes: list[Episode], evaluate: bool = False) -> list[Trajectory]:
         """Roll out, giving up when a stop signal arrives (the rollout has no time bound)."""

@@ -25,6 +25,7 @@ from toolrl.algo.losses import LossConfig, LossScale
 from toolrl.rollout.trajectory import Trajectory
 from toolrl.workers.actor import OptimConfig, Policy, Reference
 from toolrl.workers.critic import Critic
+from toolrl.workers.train_state import load_train_state, save_train_state
 
 VOCAB = 300
 
@@ -205,8 +206,8 @@ def _scenario_resume(rank: int, world: int, port: int, model_dir: str, out: str)
         part.returns = part.loss_mask.float()
         policy.update(part, scale, loss)
         critic.update(part, scale)
-        policy.save_state(f"{ckpt}/policy")
-        critic.save_state(f"{ckpt}/critic")
+        save_train_state(f"{ckpt}/policy", policy)
+        save_train_state(f"{ckpt}/critic", critic)
         policy.update(part, scale, loss)
         critic.update(part, scale)
         weights, values = policy.state_dict_bytes(), critic.values(part)
@@ -215,8 +216,8 @@ def _scenario_resume(rank: int, world: int, port: int, model_dir: str, out: str)
             Path(f"{out}/straight.safetensors").write_bytes(weights)
     policy = Policy(model_dir, optim, micro_batch_size=2)
     critic = Critic(model_dir, True, optim, 10.0, micro_batch_size=2)
-    policy.load_state(f"{ckpt}/policy")
-    critic.load_state(f"{ckpt}/critic")
+    load_train_state(f"{ckpt}/policy", policy)
+    load_train_state(f"{ckpt}/critic", critic)
     part.values = torch.zeros_like(part.loss_mask, dtype=torch.float32)
     part.returns = part.loss_mask.float()
     metrics = policy.update(part, scale, loss)

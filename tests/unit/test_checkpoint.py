@@ -180,12 +180,13 @@ def test_a_stop_signal_ends_the_wait_for_a_rollout() -> None:
 def test_weight_files_of_processes_that_are_gone_are_removed() -> None:
     """A run SIGKILLed while its engines held its last pushed weights leaves that file in
     shared memory; the next run's first push removes it (and never a live process's)."""
-    from toolrl.workers.weights import new_weights_file, shm_dir
+    from toolrl.workers.weights import _remove_orphans, new_weights_file, shm_dir
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     stale = Path(shm_dir()) / f"toolrl-weights-{dead}-abc.safetensors"
     stale.write_bytes(b"x")
+    _remove_orphans.cache_clear()  # the sweep runs at a process's first push: as if fresh
     mine = new_weights_file()
     try:
         assert not stale.exists()

@@ -98,10 +98,14 @@ class PlainText:
         first and counted in characters: tokenizing 10 MB would stall the rollout worker."""
         cap = max_tokens * MAX_CHARS_PER_TOKEN
         if len(text) > cap:
-            kept = self.truncate(text[:cap], max_tokens).split("\n[output truncated: ")[0]
+            kept, _ = self._first_tokens(text[:cap], max_tokens)
             return kept + f"\n[output truncated: {len(text) - len(kept)} more characters]"
+        kept, cut = self._first_tokens(text, max_tokens)
+        return text if not cut else kept + f"\n[output truncated: {cut} more tokens]"
+
+    def _first_tokens(self, text: str, n: int) -> tuple[str, int]:
+        """(`text` cut to its first `n` tokens, how many tokens were cut); uncut: (text, 0)."""
         ids = self.encode(text)
-        if len(ids) <= max_tokens:
-            return text
-        kept = self.tok.decode(ids[:max_tokens], skip_special_tokens=False)
-        return kept + f"\n[output truncated: {len(ids) - max_tokens} more tokens]"
+        if len(ids) <= n:
+            return text, 0
+        return self.tok.decode(ids[:n], skip_special_tokens=False), len(ids) - n

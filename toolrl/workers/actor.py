@@ -33,7 +33,6 @@ from toolrl.algo.batch import TrainBatch
 from toolrl.algo.losses import LossConfig, LossScale, policy_loss
 from toolrl.config import OptimConfig
 from toolrl.workers.scoring import ScoredLM
-from toolrl.workers.train_state import load_train_state, save_train_state
 from toolrl.workers.weights import new_weights_file, shm_dir
 
 # Files copied from `tokenizer_src` into a saved checkpoint so it loads as a full HF model.
@@ -240,14 +239,6 @@ class Policy(_Scorer):
         metrics = {"loss": total[0].item(), "grad_norm": grad_norm, "lr": lr}
         metrics |= {k: (total[i] / num_tokens).item() for i, k in enumerate(keys) if i > 0}
         return metrics | {"ratio_max": ratio_max.item(), "num_tokens": num_tokens}
-
-    def save_state(self, path: str) -> None:
-        """Collective. Sharded weights, optimizer and schedule to `path` (see train_state)."""
-        save_train_state(path, self.model, self.optimizer, self.scheduler)
-
-    def load_state(self, path: str) -> None:
-        """Collective. Continue from what `save_state` wrote (any world size)."""
-        load_train_state(path, self.model, self.optimizer, self.scheduler)
 
     def state_dict_bytes(self) -> bytes | None:
         """Collective. Full weights as safetensors bytes on rank 0 (HF key names); None elsewhere."""

@@ -32,7 +32,6 @@ from toolrl.workers.actor import (
     shard_model,
     train_device,
 )
-from toolrl.workers.train_state import load_train_state, save_train_state
 
 
 def _load_value_model(path: str, fresh_head: bool, device: torch.device) -> nn.Module:
@@ -75,14 +74,6 @@ class Critic:
             input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
         ).logits
         return out.squeeze(-1).float() * mb.attention_mask
-
-    def save_state(self, path: str) -> None:
-        """Collective. Sharded weights, optimizer and schedule to `path` (see train_state)."""
-        save_train_state(path, self.model, self.optimizer, self.scheduler)
-
-    def load_state(self, path: str) -> None:
-        """Collective. Continue from what `save_state` wrote (any world size)."""
-        load_train_state(path, self.model, self.optimizer, self.scheduler)
 
     def values(self, batch: TrainBatch) -> Tensor:
         """[B, T] the value before token t+1 at column t, no grad, on CPU."""

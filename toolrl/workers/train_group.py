@@ -26,6 +26,7 @@ from toolrl.algo.losses import LossConfig, LossScale
 from toolrl.config import TrainGroupConfig
 from toolrl.workers.actor import OptimConfig, Policy, Reference
 from toolrl.workers.critic import Critic
+from toolrl.workers.train_state import load_train_state, save_train_state
 
 
 @dataclass(frozen=True)
@@ -126,14 +127,17 @@ class TrainWorker:
 
     def save_state(self, folder: str) -> None:
         """Every role with training state under `folder`: policy/, critic/ (DCP, sharded)."""
-        for name, role in (("policy", self.policy), ("critic", self.critic)):
-            if role is not None:
-                role.save_state(os.path.join(folder, name))
+        for name, role in self._trained():
+            save_train_state(os.path.join(folder, name), role)
 
     def load_state(self, folder: str) -> None:
-        for name, role in (("policy", self.policy), ("critic", self.critic)):
-            if role is not None:
-                role.load_state(os.path.join(folder, name))
+        for name, role in self._trained():
+            load_train_state(os.path.join(folder, name), role)
+
+    def _trained(self) -> list[tuple[str, Policy | Critic]]:
+        return [
+            (n, r) for n, r in (("policy", self.policy), ("critic", self.critic)) if r is not None
+        ]
 
     def shutdown(self) -> None:
         dist.destroy_process_group()

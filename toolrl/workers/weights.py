@@ -15,6 +15,7 @@ Not run directly; exercised by `pytest tests/integration/test_engine.py`.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -31,9 +32,18 @@ def shm_dir() -> str:
 
 def new_weights_file() -> str:
     """A new, empty weight hand-off file in `shm_dir()`, named by this process's pid; the
-    caller fills and removes it. Files of processes that are gone (a run killed with
-    SIGKILL while the engines held its last weights) are removed first."""
+    caller fills and removes it. On a process's first call, files of processes that are gone
+    (a run killed with SIGKILL while the engines held its last weights) are removed."""
     folder = shm_dir()
+    _remove_orphans(folder)
+    prefix = f"toolrl-weights-{os.getpid()}-"
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".safetensors", dir=folder)
+    os.close(fd)
+    return path
+
+
+@functools.cache  # once per process: a dead writer's file is there from before it started
+def _remove_orphans(folder: str) -> None:
     for name in os.listdir(folder):
         parts = name.split("-")
         if name.startswith("toolrl-weights-") and len(parts) > 3 and parts[2].isdigit():
@@ -46,10 +56,6 @@ def new_weights_file() -> str:
                     pass
             except PermissionError:  # another user's live process
                 pass
-    prefix = f"toolrl-weights-{os.getpid()}-"
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".safetensors", dir=folder)
-    os.close(fd)
-    return path
 
 
 def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
