@@ -45,7 +45,8 @@ KEYS = ("time/step_s", "time/rollout_s", "time/train_s", "time/weight_sync_s", "
 def load_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from toolrl.config import register, to_config, validate
+    from toolrl.config import register, to_config
+    from toolrl.validate import validate
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

@@ -14,8 +14,12 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+# TOOLRL_KIND=cpu|gpu chooses the set (a Docker build sees no GPU); by default, what is here.
+kind=${TOOLRL_KIND:-}
+if [ -z "$kind" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   kind=gpu
+fi
+if [ "$kind" = gpu ]; then
   want="gpu:$(sha256sum pyproject.toml | cut -c1-16)"
 else
   kind=cpu

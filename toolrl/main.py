@@ -19,7 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -35,8 +38,8 @@ from toolrl.config import (
     register,
     resolve_target,
     to_config,
-    validate,
 )
+from toolrl.validate import validate
 
 register()
 
@@ -67,10 +70,7 @@ def prepare(cfg: Config) -> Prepared:
     """The checks that need the model, the data or the run folder, before Ray starts: the
     checkpoint to resume (and the keys that must not change), the model folder, the parser
     against the template's tool-call format, the task, and its prompts against the budget."""
-    from transformers import AutoTokenizer
-
     from toolrl import checkpoint
-    from toolrl.rollout.chat import read_chat_template
 
     resume = checkpoint.resolve(cfg.trainer.resume, cfg.run_dir)
     saved = checkpoint.check_resumable(resume, cfg) if resume else {"step": 0, "wandb_id": None}
@@ -78,8 +78,22 @@ def prepare(cfg: Config) -> Prepared:
         moved = checkpoint.set_aside(cfg.run_dir)
         if moved:
             print(f"toolrl: a fresh start; the checkpoints already here moved to {moved}")
-    elif checkpoint.checkpoints_dir(cfg.run_dir).resolve() not in resume.resolve().parents:
-        saved = {**saved, "wandb_id": None}  # another run's checkpoint: a wandb run of its own
+    else:
+        print(f"toolrl: resuming after step {saved['step']} from {resume}", file=sys.stderr)
+        if checkpoint.checkpoints_dir(cfg.run_dir).resolve() not in resume.resolve().parents:
+            saved = {**saved, "wandb_id": None}  # another run's checkpoint: its own wandb run
+    model_path, tokenizer, chat_template, task = load_model_and_task(cfg)
+    return Prepared(model_path, tokenizer, chat_template, task, resume, saved)
+
+
+def load_model_and_task(cfg: Config) -> tuple[str, Any, str | None, Any]:
+    """(model folder, tokenizer, model.chat_template's text, task), checked: the parser against
+    the template's tool-call format, the prompts against the budget. Training and
+    `toolrl.eval` both start from these."""
+    from transformers import AutoTokenizer
+
+    from toolrl.rollout.chat import read_chat_template
+
     model_path = resolve_model(cfg.model.path, cfg.model.embedded_tool)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     chat_template = read_chat_template(cfg.model.chat_template)
@@ -87,7 +101,7 @@ def prepare(cfg: Config) -> Prepared:
     count = token_counter(tokenizer, chat_template, cfg.model.chat_template_kwargs)
     task = build_task(cfg.task, count_tokens=count, tool_names=list(cfg.tools))
     check_prompts_fit(cfg, task, tokenizer, chat_template)
-    return Prepared(model_path, tokenizer, chat_template, task, resume, saved)
+    return model_path, tokenizer, chat_template, task
 
 
 def check_parser_reads_template(cfg: Config, tokenizer: Any, chat_template: str | None) -> None:
@@ -153,37 +167,18 @@ def run(cfg: Config) -> dict[str, Any]:
     from toolrl.metrics import MetricsLogger
     from toolrl.preemption import StopRequest
     from toolrl.trainer import Trainer
-    from toolrl.workers.rollout import RolloutGroup
 
     ready = prepare(cfg)
-    model_path, chat_template = ready.model_path, ready.chat_template
+    model_path = ready.model_path
     r, t = cfg.rollout, cfg.trainer
-    # Workers keep warnings and errors but not vLLM's and transformers' start-up chatter,
-    # so the console shows the progress bar.
-    quiet = {
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
-        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
-        "TQDM_DISABLE": "1",
-    }
-    ray.init(
-        address=cfg.ray.address,
-        num_cpus=None if cfg.ray.address else cfg.ray.num_cpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": quiet},
-    )
+    start_ray(cfg)
     stop = StopRequest()
     stop.install()  # after ray.init, which installs its own SIGTERM handler
     try:
-        spec = rollout_spec(cfg, model_path, chat_template)
-        rollout = RolloutGroup(
-            spec,
-            r.num_workers,
-            r.num_cpus_per_worker,
-            r.num_gpus_per_worker,
-            r.max_inflight_per_worker,
-        )
+        rollout = rollout_group(cfg, model_path, ready.chat_template)
         algorithm = Algorithm(cfg.algorithm, r.max_total_tokens)
         train, critic = train_groups(cfg, algorithm, model_path)
+        write_placement(cfg.run_dir, rollout, train, critic)
         logger = MetricsLogger(
             cfg.run_dir,
             t.total_steps,
@@ -203,6 +198,7 @@ def run(cfg: Config) -> dict[str, Any]:
             train=train,
             logger=logger,
             pad_id=_pad_id(ready.tokenizer),
+            tokenizer=ready.tokenizer,
             model_path=model_path,
             critic=critic,
             resume_from=ready.resume,
@@ -221,6 +217,50 @@ def run(cfg: Config) -> dict[str, Any]:
         ray.shutdown()
 
 
+def start_ray(cfg: Config) -> None:
+    """Start a local Ray cluster, or join one (ray.address), for the groups to run on."""
+    import ray
+
+    # Workers keep warnings and errors but not vLLM's and transformers' start-up chatter,
+    # so the console shows the progress bar.
+    quiet = {
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
+        "TQDM_DISABLE": "1",
+    }
+    # RAY_ADDRESS (`ray job submit` sets it) joins that cluster; else "local": one of our own
+    # even where a stopped cluster's address file is left (/tmp/ray/ray_current_cluster)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local" and threading.current_thread() is threading.main_thread():
+        # A warning signal may reach every process of a Slurm job step (submitit sends
+        # SIGUSR2 so): only the driver must act on it, and save. The local cluster's
+        # processes, started now, inherit "ignore"; StopRequest.install() handles it here.
+        for s in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, signal.SIG_IGN)
+    ray.init(
+        address=address,
+        num_cpus=cfg.ray.num_cpus if address == "local" else None,
+        include_dashboard=False,
+        runtime_env={"env_vars": quiet},
+    )
+
+
+def rollout_group(cfg: Config, model_path: str, chat_template: str | None) -> Any:
+    """The rollout engines as rollout.* configures them (toolrl.workers.rollout.RolloutGroup);
+    training and `toolrl.eval` build them here."""
+    from toolrl.workers.rollout import RolloutGroup
+
+    r = cfg.rollout
+    return RolloutGroup(
+        rollout_spec(cfg, model_path, chat_template),
+        r.num_workers,
+        r.num_cpus_per_worker,
+        r.num_gpus_per_worker,
+        r.max_inflight_per_worker,
+        cfg.ray.placement_timeout_s,
+    )
+
+
 def train_groups(cfg: Config, algorithm: Any, model_path: str) -> tuple[Any, Any]:
     """The policy's group (with the reference when the algorithm needs one) and the group
     holding the critic: the same group when `algorithm.critic.colocate`, None without one."""
@@ -232,11 +272,31 @@ def train_groups(cfg: Config, algorithm: Any, model_path: str) -> tuple[Any, Any
     critic = None
     if algorithm.needs_critic:
         critic = CriticRole(c.path or model_path, c.path is None, c.optim, c.value_clip)
+    wait = cfg.ray.placement_timeout_s
     if critic is not None and c.colocate:
-        group = TrainGroup(t.train_group, model_path, policy, critic)
+        group = TrainGroup(t.train_group, model_path, policy, critic, wait)
         return group, group
-    own = TrainGroup(c.group, model_path, critic=critic) if critic is not None else None
-    return TrainGroup(t.train_group, model_path, policy), own
+    own = TrainGroup(c.group, model_path, None, critic, wait) if critic is not None else None
+    return TrainGroup(t.train_group, model_path, policy, None, wait), own
+
+
+def write_placement(run_dir: str, rollout: Any, train: Any, critic: Any) -> dict[str, Any]:
+    """RUN_DIR/placement.json: the node (Ray id and IP) of every engine and rank, and a line
+    on the console: where a run on several nodes put its actors."""
+    import ray
+
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    where = {"rollout": rollout.worker_nodes, "train": train.rank_nodes}
+    if critic is not None and critic is not train:
+        where["critic"] = critic.rank_nodes
+    out = {k: [{"node_id": n, "ip": ips.get(n)} for n in v] for k, v in where.items()}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    Path(run_dir, "placement.json").write_text(json.dumps(out, indent=1) + "\n")
+    nodes = {n for v in where.values() for n in v}
+    if len(nodes) > 1:
+        counts = ", ".join(f"{k}: {len(set(v))} node(s)" for k, v in where.items())
+        print(f"toolrl: placed on {len(nodes)} nodes ({counts})", file=sys.stderr)
+    return out
 
 
 def rollout_spec(cfg: Config, model_path: str, chat_template: str | None) -> Any:
@@ -303,6 +363,10 @@ def main(dcfg: DictConfig) -> None:
             f"with hydra.run.dir={cfg.run_dir} to continue from its latest checkpoint",
             file=sys.stderr,
         )
+        from toolrl.cluster import REQUEUE_CODES, requeue_submitit_job
+
+        if e.exit_code in REQUEUE_CODES:  # a warning before a time limit or a pre-emption
+            requeue_submitit_job(cfg.run_dir)
         sys.exit(e.exit_code)
     summary = {k: v for k, v in final.items() if k.startswith("eval/") or k == "checkpoint"}
     print(json.dumps({"run_dir": cfg.run_dir, **summary}, indent=2))

@@ -2,7 +2,9 @@
 
 Every step's metrics go to `metrics.jsonl` in the run directory (one JSON object a line,
 always), to wandb (offline by default, so no account is needed; `wandb sync` uploads a
-run later) and to a progress bar on the console.
+run later) and to a progress bar on the console. docs/metrics.md says what each key means.
+A few sample trajectories per step (prompt, turns with their calls and the tools' answers,
+reward and its components) go to `trajectories.jsonl` and to a wandb table.
 
     python -m toolrl.metrics runs/<date>/<time>     # print a run's curve as a table
     python -m toolrl.metrics RUN_A RUN_B ...         # several runs' eval reward side by side
@@ -11,9 +13,11 @@ run later) and to a progress bar on the console.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -89,6 +93,97 @@ def reward_metrics(trajs: list[Trajectory], prefix: str) -> dict[str, float]:
     return out
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of a prompt of which c passed (Chen et
+    al. 2021, "Evaluating Large Language Models Trained on Code"): the chance that k of the n
+    samples, drawn without replacement, hold at least one pass, 1 - C(n-c, k) / C(n, k)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # comb(n - c, k) is 0 when k > n - c
+
+
+def pass_metrics(
+    trajs: list[Trajectory], ks: Sequence[int], threshold: float, prefix: str
+) -> dict[str, float]:
+    """`{prefix}/pass@k` for each k: pass_at_k averaged over prompts (trajectories grouped by
+    prompt_id), a sample passing when its total reward reaches `threshold`. An infrastructure
+    fault scores 0, as in `{prefix}/reward`, so it counts as a fail."""
+    groups: dict[int, list[bool]] = {}
+    for t in trajs:
+        groups.setdefault(t.prompt_id, []).append(t.total_reward >= threshold)
+    if not groups:
+        return {}
+    return {
+        f"{prefix}/pass@{k}": mean(pass_at_k(len(g), sum(g), k) for g in groups.values())
+        for k in ks
+    }
+
+
+def trajectory_records(
+    trajs: list[Trajectory],
+    step: int | None,
+    messages: Callable[[int], list[dict[str, Any]]],
+    decode: Callable[[list[int]], str] | None = None,
+) -> list[dict[str, Any]]:
+    """Trajectories as JSON-able dicts for trajectories.jsonl and the wandb table: the prompt
+    (`messages(prompt_id)`), each turn (what the model wrote, decoded from its sampled ids when
+    `decode` is given, else the parser's content; its calls; the tools' answers), the final
+    text, the total reward and its components. `sample` numbers a prompt's samples in order."""
+    seen: dict[int, int] = {}
+    out = []
+    for t in trajs:
+        sample = seen[t.prompt_id] = seen.get(t.prompt_id, -1) + 1
+        turns = [
+            {
+                "text": decode(t.token_ids[u.start : u.end]) if decode else u.content,
+                "finish_reason": u.finish_reason,
+                "calls": [{"name": c.name, "arguments": c.arguments} for c in u.calls],
+                # parse errors are answered too, as results named "error" after the calls'
+                "results": [{"name": r.name, "content": r.content, "ok": r.ok} for r in u.results],
+                "observation": u.observation,
+                "reward": u.reward,
+            }
+            for u in t.turns
+        ]
+        out.append(
+            {
+                "step": step,
+                "prompt_id": t.prompt_id,
+                "sample": sample,
+                "prompt": messages(t.prompt_id),
+                "turns": turns,
+                "final_text": t.info.get("final_text"),
+                "reward": t.total_reward,
+                "reward_components": t.info.get("reward_components", {}),
+                "infra_error": t.infra_error,
+            }
+        )
+    return out
+
+
+TRAJECTORY_COLUMNS = [
+    "step", "prompt_id", "sample", "prompt", "turns", "final_text", "reward", "reward_components"
+]  # fmt: skip
+
+
+def table_row(record: dict[str, Any]) -> list[Any]:
+    """A trajectory record as a row of TRAJECTORY_COLUMNS, its prompt and turns as text."""
+    prompt = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in record["prompt"])
+    lines = []
+    for k, u in enumerate(record["turns"]):
+        lines.append(f"[turn {k}, {u['finish_reason']}] {u['text']}")
+        lines += [f"  call {c['name']} {json.dumps(c['arguments'])}" for c in u["calls"]]
+        lines += [
+            f"  {'answer' if r['ok'] else 'error'} ({r['name']}): {r['content']}"
+            for r in u["results"]
+        ]
+        if u["observation"] is not None:
+            lines.append(f"  observation: {u['observation']}")
+    head = [record[k] for k in TRAJECTORY_COLUMNS[:3]]
+    tail = [record["final_text"], record["reward"], json.dumps(record["reward_components"])]
+    return [*head, prompt, "\n".join(lines), *tail]
+
+
 _BAR_KEYS = {
     "train/reward": "reward",
     "eval/reward": "eval",
@@ -118,6 +213,9 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep_rows_before(self.path, start_step)
         self._file = self.path.open("a")
+        self.trajectories_path = Path(run_dir) / "trajectories.jsonl"
+        keep_rows_before(self.trajectories_path, start_step)
+        self._trajectories_file: Any = None  # opened at the first write
         self._wandb = None
         self.run_id = run_id
         if wandb_mode != "disabled":
@@ -156,12 +254,30 @@ class MetricsLogger:
             shown = {short: f"{metrics[k]:.3g}" for k, short in _BAR_KEYS.items() if k in metrics}
             self._bar.set_postfix(shown, refresh=False)
 
+    def log_trajectories(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Sample trajectories (`trajectory_records`) to trajectories.jsonl, one a line, and
+        to wandb as the table `trajectories`."""
+        if not records:
+            return
+        if self._trajectories_file is None:
+            self._trajectories_file = self.trajectories_path.open("a")
+        for r in records:
+            self._trajectories_file.write(json.dumps(r, default=str) + "\n")
+        self._trajectories_file.flush()
+        if self._wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=TRAJECTORY_COLUMNS, data=[table_row(r) for r in records])
+            self._wandb.log({"trajectories": table}, step=step)
+
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.update(1)
 
     def close(self) -> None:
         self._file.close()
+        if self._trajectories_file is not None:
+            self._trajectories_file.close()
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
@@ -169,8 +285,8 @@ class MetricsLogger:
 
 
 def keep_rows_before(path: Path, step: int) -> None:
-    """Drop the rows of a metrics.jsonl at `step` and later (all of them for step 0): a run
-    resumed from step k logs k, k+1, ... again. Replaced atomically."""
+    """Drop the rows of a metrics.jsonl (or trajectories.jsonl) at `step` and later (all of
+    them for step 0): a run resumed from step k logs k, k+1, ... again. Replaced atomically."""
     if not path.exists():
         return
     lines = path.read_text().splitlines()

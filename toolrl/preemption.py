@@ -1,25 +1,31 @@
 """Stopping a run on a signal, with its last completed step saved.
 
-Slurm warns a job before its time limit or a pre-emption with a signal (`--signal=B:USR1@90`
-sends SIGUSR1 to the batch shell, which passes it on); users press Ctrl-C (SIGINT); `scancel`
+Slurm warns a job before its time limit or a pre-emption with a signal (`--signal=B:USR1@180`
+sends SIGUSR1 to the batch shell, which passes it on; submitit sends SIGUSR2); users press
+Ctrl-C (SIGINT); `scancel`
 and container runtimes send SIGTERM. `StopRequest.install()` makes each of them only set a
 flag. The trainer looks at it between steps and while it waits for a rollout (the wait that
 has no bound: tools may hang), so the step in flight is abandoned, the last completed one is
 saved, Ray and vLLM shut down, and `toolrl.main` exits with 128 + the signal's number (143 for
 SIGTERM), as a shell reports a process the signal stopped. A second signal stops at once,
-without saving (a step half done must not be saved as done); signals during the shutdown
-that follows are only noted, so Ray and vLLM still stop.
+without saving (a step half done must not be saved as done), unless it comes within
+REPEAT_S of the first: the same stop delivered twice (Slurm signals every process of a job
+step, and toolrl.cluster passes the signal on as well). Signals during the shutdown that
+follows are only noted, so Ray and vLLM still stop.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# SIGUSR2: submitit's warning before a Slurm time limit (conf/hydra/launcher/slurm.yaml)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REPEAT_S = 2.0  # a second signal sooner than this after the first is the same request
 T = TypeVar("T")
 
 
@@ -42,6 +48,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.first_at = 0.0  # time.monotonic() of the first signal
         self.shutting_down = False  # set during cleanup: later signals only set the flag
 
     def install(self) -> None:
@@ -53,9 +60,10 @@ class StopRequest:
             signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and not self.shutting_down:
-            raise Preempted(signum, immediate=True)  # the second one: stop waiting, no save
-        self.signum = signum
+        if self.signum is None:
+            self.signum, self.first_at = signum, time.monotonic()
+        elif not self.shutting_down and time.monotonic() - self.first_at >= REPEAT_S:
+            raise Preempted(signum, immediate=True)  # a second one: stop waiting, no save
 
     def check(self) -> None:
         """Raise Preempted when a stop signal has arrived."""

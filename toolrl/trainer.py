@@ -42,9 +42,15 @@ from toolrl.checkpoint import (
     restore_driver_rng,
     save_driver_rng,
 )
-from toolrl.config import Config
+from toolrl.config import Config, TrainerConfig
 from toolrl.data.order import PromptOrder
-from toolrl.metrics import MetricsLogger, cpu_seconds, rollout_metrics
+from toolrl.metrics import (
+    MetricsLogger,
+    cpu_seconds,
+    pass_metrics,
+    rollout_metrics,
+    trajectory_records,
+)
 from toolrl.preemption import Preempted, StopRequest
 from toolrl.rollout.agent_loop import Episode
 from toolrl.rollout.trajectory import Trajectory
@@ -66,10 +72,12 @@ class Trainer:
         critic: TrainGroup | None = None,
         resume_from: Path | None = None,
         stop: StopRequest | None = None,
+        tokenizer: Any = None,
     ) -> None:
         """`critic` is the group holding the critic (`train` itself when colocated); needed
         only when the algorithm needs one. `resume_from`: a checkpoint to continue from
-        (toolrl.checkpoint); `stop`: the flag stop signals set (toolrl.preemption)."""
+        (toolrl.checkpoint); `stop`: the flag stop signals set (toolrl.preemption);
+        `tokenizer`: shows the sampled text of the trajectories logged each step."""
         self.cfg, self.task, self.algorithm = cfg, task, algorithm
         self.rollout, self.train, self.critic, self.logger = rollout, train, critic, logger
         self.pad_id, self.model_path = pad_id, model_path
@@ -82,6 +90,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.run_dir, cfg.trainer.keep_last)
         self.completed = 0  # training steps done (updates applied to the policy)
         self.order_before: dict[int, dict[str, int]] = {}  # batch -> order state before it
+        self.decode = None if tokenizer is None else tokenizer.decode  # for display only
 
     def fit(self) -> dict[str, Any]:
         """Train up to trainer.total_steps (from a checkpoint when resuming); returns the last
@@ -167,13 +176,24 @@ class Trainer:
         return eps
 
     def evaluate(self) -> dict[str, float]:
-        # Fixed seeds per prompt: every evaluation draws the same random numbers, so the
-        # change in eval reward reflects the policy, not the sampling noise.
-        eps = [
-            Episode.of(i, p, seed=self.cfg.trainer.seed + 10_000 + i)
-            for i, p in enumerate(self.eval_prompts)
-        ]
-        return rollout_metrics(self._roll(eps, evaluate=True), "eval")
+        """Each eval prompt rolled out trainer.eval_samples times: eval/* means over all
+        samples, and eval/pass@k. Fixed seeds per (prompt, sample): every evaluation draws the
+        same random numbers, so the change in eval reward reflects the policy, not the
+        sampling noise."""
+        t = self.cfg.trainer
+        eps = eval_episodes(self.eval_prompts, t.seed, t.eval_samples)
+        return eval_metrics(self._roll(eps, evaluate=True), t)
+
+    def _log_samples(self, step: int, trajs: list[Trajectory]) -> None:
+        """The step's first logger.trajectories_per_step trajectories (the first prompt
+        group's samples first) to trajectories.jsonl and wandb."""
+        count = self.cfg.logger.trajectories_per_step
+        if count:
+            prompts = self.train_prompts
+            records = trajectory_records(
+                trajs[:count], step, lambda pid: prompts[pid].messages, self.decode
+            )
+            self.logger.log_trajectories(step, records)
 
     def step(self, step: int, evaluate: bool = False) -> dict[str, float]:
         """One step: (evaluate,) roll out, update. The engines evaluate and sample with the
@@ -182,6 +202,7 @@ class Trainer:
         t0, cpu0 = time.perf_counter(), cpu_seconds()
         overlap = self.cfg.trainer.max_staleness > 0
         got = self._overlapped_batch(step, evaluate) if overlap else self._batch(step, evaluate)
+        self._log_samples(step, got.trajs)
         t1 = time.perf_counter()
         metrics = got.metrics | staleness(got.kept, step)
         batch = TrainBatch.from_trajectories(got.kept, None, self.pad_id)
@@ -367,3 +388,30 @@ def logprob_drift(
         if d.numel():
             out[f"rollout/logprob_diff_max_turn{k}"] = d.max().item()
     return out
+
+
+SEED_OFFSET = 10_000  # eval seeds are trainer.seed + 10000 + prompt, as they always were
+SAMPLE_STRIDE = 1_000_000  # apart per sample: distinct seeds below a million eval prompts
+
+
+def eval_seed(seed: int, prompt: int, sample: int) -> int:
+    """The fixed seed of sample `sample` of eval prompt `prompt` (sample 0: seed + 10000 +
+    prompt, the seed evaluations used before several samples per prompt existed)."""
+    return (seed + SEED_OFFSET + prompt + sample * SAMPLE_STRIDE) % (2**31 - 1)
+
+
+def eval_episodes(prompts: list[Any], seed: int, samples: int) -> list[Episode]:
+    """Each prompt `samples` times, prompt-major, each (prompt, sample) with its fixed seed:
+    every evaluation of the same weights draws the same random numbers."""
+    return [
+        Episode.of(i, p, seed=eval_seed(seed, i, j))
+        for i, p in enumerate(prompts)
+        for j in range(samples)
+    ]
+
+
+def eval_metrics(trajs: list[Trajectory], t: TrainerConfig) -> dict[str, float]:
+    """eval/* of rollout_metrics (means over every sample), and eval/pass@k for each k of
+    trainer.eval_pass_k."""
+    out = rollout_metrics(trajs, "eval")
+    return out | pass_metrics(trajs, t.eval_pass_k, t.eval_pass_reward, "eval")

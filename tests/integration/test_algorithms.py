@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from toolrl.config import Config, register, to_config, validate
+from toolrl.config import Config, register, to_config
+from toolrl.validate import validate
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 ALGORITHMS = sorted(p.stem for p in Path(CONF, "algorithm").glob("*.yaml"))

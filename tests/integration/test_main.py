@@ -1,16 +1,18 @@
 """`python -m toolrl.main` end to end on a few steps, stopped by SIGTERM mid-run and resumed:
-the stop (exit status, saved step, no process left), the resumed run's metrics, wandb files
-and a final checkpoint that transformers and vLLM both load.
+the stop (exit status, saved step, no process left), the resumed run's metrics, wandb files,
+the sample trajectories (jsonl and the wandb table), a final checkpoint that transformers and
+vLLM both load, and `python -m toolrl.eval` on it reproducing the run's final evaluation.
 
     python -m pytest tests/integration/test_main.py
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
-import textwrap
 import uuid
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 from tests.integration import runs
 from tests.integration.conftest import run_main
 from toolrl import checkpoint
+from toolrl.metrics import TRAJECTORY_COLUMNS
 
 # 4 steps, a checkpoint after 2; SIGTERM arrives once 3 are done, so the stop saves step 3.
 SHORT = (
@@ -70,9 +73,7 @@ def test_the_resumed_run_logs_each_step_once_and_continues_wandb(stopped) -> Non
     assert len(ids) == 1  # one wandb run id across both processes
 
 
-def test_short_run_writes_metrics_and_a_loadable_checkpoint(
-    stopped, embedded_model, tmp_path
-) -> None:
+def test_short_run_writes_metrics_and_a_loadable_checkpoint(stopped, embedded_model) -> None:
     run_dir, rows = stopped["dir"], stopped["rows"]
     steps = [r for r in rows if "train/reward" in r]
     for key in ("train/tool_calls", "train/turns", "time/rollout_s", "perf/rollout_tokens_per_s",
@@ -96,18 +97,52 @@ def test_short_run_writes_metrics_and_a_loadable_checkpoint(
     tok = AutoTokenizer.from_pretrained(ckpt)
     assert tok.chat_template and "<tool_call>" in tok.get_vocab()
 
-    script = tmp_path / "load_vllm.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        from vllm import LLM, SamplingParams
-        if __name__ == "__main__":
-            llm = LLM(model={str(ckpt)!r}, dtype="float32", max_model_len=512, enforce_eager=True)
-            out = llm.generate(["What is 12 * 34?"], SamplingParams(max_tokens=4, temperature=0))
-            print("VLLM_OK", len(out[0].outputs[0].token_ids))
-    """)
-    )
-    env = {**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    res = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert "VLLM_OK" in res.stdout, res.stderr[-4000:]
+    # vLLM loads it and samples from it in the toolrl.eval test below.
+
+
+def test_each_steps_sample_trajectories_are_in_jsonl_once_and_in_the_wandb_table(stopped):
+    run_dir = stopped["dir"]
+    lines = (run_dir / "trajectories.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    # 4 a step (logger.trajectories_per_step): the first group's samples, none repeated by
+    # the resume (the stopped process's rows from the checkpoint's step on were dropped)
+    assert [(r["step"], r["sample"]) for r in recs] == [(s, k) for s in range(4) for k in range(4)]
+    for r in recs:
+        assert len({x["prompt_id"] for x in recs if x["step"] == r["step"]}) == 1
+        assert r["prompt"][-1]["role"] == "user" and r["turns"] and r["reward_components"]
+        assert r["turns"][0]["text"]  # the sampled text, decoded
+    assert any(u["calls"] and u["results"] for r in recs for u in r["turns"])
+    tables = list((run_dir / "wandb").glob("offline-run-*/files/media/table/trajectories_*.json"))
+    read = [json.loads(p.read_text()) for p in tables]
+    assert {t["columns"] == TRAJECTORY_COLUMNS and len(t["data"]) == 4 for t in read} == {True}
+    assert {row[0] for t in read for row in t["data"]} == {0, 1, 2, 3}  # the step column
+    assert all(row[4] for t in read for row in t["data"])  # the turns, as text
+
+
+def of_samples(metrics: dict) -> dict:
+    """The eval metrics the samples decide: not prefix-cache hits, which depend on what the
+    engine served before."""
+    return {k: v for k, v in metrics.items() if k.startswith("eval/") and "prefix_hit" not in k}
+
+
+def test_toolrl_eval_on_the_checkpoint_reproduces_the_runs_final_eval(stopped, tmp_path) -> None:
+    run_dir, mark, out = stopped["dir"], uuid.uuid4().hex, tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "toolrl.eval", str(run_dir / "checkpoint"), f"--out={out}"]
+    env = {**os.environ, runs.MARK: mark}
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        left = runs.none_left(mark)
+    finally:
+        runs.kill_marked(mark)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert not left, left
+    final = stopped["rows"][-1]  # the run's evaluation after its last step
+    got = json.loads(out.read_text())
+    assert got["prompts"] == 8 and got["samples_per_prompt"] == 1  # the run's config
+    # Same weights, seeds and loop: the same samples, so every eval metric is equal, exactly
+    # (measured so on vLLM-CPU).
+    assert of_samples(got["metrics"]) == of_samples(final)
+    assert got["metrics"]["eval/reward"] == final["eval/reward"]
+    assert "| eval/reward |" in res.stdout and "| eval/pass@1 |" in res.stdout
+    lines = out.with_suffix(".trajectories.jsonl").read_text().splitlines()
+    assert len(lines) == 8

@@ -41,6 +41,11 @@ BAD_CONFIGS = [
     ("trainer.max_staleness=1", "overlap without an off-policy correction"),
     ("trainer.resume=runs/no-such-run", "a checkpoint that is not there"),
     ("algorithm.loss.clip_low=1.5", "an out-of-range loss setting"),
+    ("trainer.eval_pass_k=[1,4]", "pass@k beyond the samples per eval prompt"),
+    (
+        "trainer.eval_samples=4 rollout.eval_sampler.temperature=0",
+        "several eval samples drawn greedily",
+    ),
 ]
 
 
@@ -48,8 +53,9 @@ def error_of(overrides: str, run_dir: str) -> str:
     """What `python -m toolrl.main OVERRIDES` reports before Ray starts, or '' if nothing."""
     from hydra import compose, initialize_config_dir
 
-    from toolrl.config import register, to_config, validate
+    from toolrl.config import register, to_config
     from toolrl.main import prepare
+    from toolrl.validate import validate
 
     register()
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from toolrl import checkpoint
+from toolrl import checkpoint, preemption
 from toolrl.config import Config, ConfigError
 from toolrl.metrics import keep_rows_before
 from toolrl.preemption import Preempted, StopRequest
@@ -175,6 +175,24 @@ def test_a_stop_signal_ends_the_wait_for_a_rollout() -> None:
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_a_signal_delivered_twice_is_one_stop_and_a_later_one_stops_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: clock[0])
+    stop = StopRequest()
+    stop._handle(signal.SIGTERM, None)
+    clock[0] += 0.01  # the same SIGTERM, from Slurm and from toolrl.cluster
+    stop._handle(signal.SIGTERM, None)
+    assert stop.signum == signal.SIGTERM
+    clock[0] += preemption.REPEAT_S
+    with pytest.raises(Preempted) as e:
+        stop._handle(signal.SIGINT, None)
+    assert e.value.immediate
+    stop.shutting_down = True
+    stop._handle(signal.SIGINT, None)  # during the shutdown: noted only
 
 
 def test_weight_files_of_processes_that_are_gone_are_removed() -> None:

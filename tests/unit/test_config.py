@@ -10,8 +10,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from toolrl.config import ConfigError, build_parser, instantiate, register, to_config, validate
+from toolrl.config import ConfigError, build_parser, instantiate, register, to_config
 from toolrl.rollout.parsers.reasoning import Reasoned
+from toolrl.validate import validate
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 register()

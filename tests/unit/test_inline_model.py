@@ -17,7 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.unit.test_protocols import StreamingEngine
-from toolrl.config import Config, ConfigError, ModelConfig, register, to_config, validate
+from toolrl.config import Config, ConfigError, ModelConfig, register, to_config
 from toolrl.models import tiny
 from toolrl.models import warmstart as ws
 from toolrl.models import warmstart_inline as wi
@@ -28,6 +28,7 @@ from toolrl.rollout.protocols.inline import InlineTags
 from toolrl.rollout.sampler import Sampler
 from toolrl.rollout.text import PlainText
 from toolrl.tools.calculator import Calculator
+from toolrl.validate import validate
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 SMALL = dataclasses.replace(

@@ -181,7 +181,7 @@ def test_a_slow_inline_tool_does_not_hold_up_other_trajectories(tok):
 
 def test_bad_inline_settings_fail_before_ray(tok):
     from tests.unit.test_config import load
-    from toolrl.config import validate
+    from toolrl.validate import validate
 
     with pytest.raises(ConfigError, match="calls 'search', not configured"):
         validate(load("protocol=inline"))  # the default tools hold only the calculator

@@ -18,11 +18,12 @@ import pytest
 
 from tests.unit.test_config import load
 from tests.unit.test_real_templates import FAMILIES, family_tokenizer, trl_template
-from toolrl.config import ConfigError, ModelConfig, validate
+from toolrl.config import ConfigError, ModelConfig
 from toolrl.rollout.chat import ChatBuilder, read_chat_template, render_chat
 from toolrl.rollout.parsers.reasoning import TagReasoning
 from toolrl.rollout.trajectory import ToolResult
 from toolrl.tools.calculator import CALCULATOR_SCHEMA
+from toolrl.validate import validate
 
 MSGS = [{"role": "user", "content": "What is 6 * 7?"}]
 EMPTY_THINK = "<think>\n\n</think>\n\n"

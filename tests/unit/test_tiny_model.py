@@ -242,7 +242,8 @@ def test_default_build_keeps_its_folder_name() -> None:
 
 
 def test_model_config_selects_the_embedded_tool(model_dir: Path) -> None:
-    from toolrl.config import Config, ConfigError, ModelConfig, validate
+    from toolrl.config import Config, ConfigError, ModelConfig
+    from toolrl.validate import validate
 
     def config(tool: str, tools: tuple[str, ...], path: str = "embedded") -> Config:
         specs = {

@@ -1,4 +1,4 @@
-"""Checks of the algorithm settings before Ray starts (called by `toolrl.config.validate`).
+"""Checks of the algorithm settings before Ray starts (called by `toolrl.validate.validate`).
 
 No torch here: validating a config must stay cheap. The estimator is built (it is a small
 dataclass) so that what it needs (a critic, groups, token rewards) is checked against the
@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import os
 
-from toolrl.config import (
-    Config,
-    CriticConfig,
-    build_target,
-    check,
-    check_micro_batches,
-    resolve_target,
-)
+from toolrl.config import Config, CriticConfig, build_target, resolve_target
+from toolrl.validate import check, check_micro_batches
 
 # The choices of string settings, here so that checking a config needs no torch.
 AGGREGATIONS = (

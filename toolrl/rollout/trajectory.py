@@ -36,12 +36,15 @@ class ToolResult:
     """What a tool returned, as text the model reads. `ok` is False for errors the model made.
 
     `call_id` is the id of the call it answers (`ToolCall.id`), for templates that write it
-    into the tool turn; None where the call had none or nothing was called (a parse error)."""
+    into the tool turn; None where the call had none or nothing was called (a parse error).
+    `error` says why a call failed when the caller answered for the tool (ToolCaller:
+    unknown_tool, timeout, raised, call_limit); None for the tool's own answers."""
 
     name: str
     content: str
     ok: bool = True
     call_id: str | None = None
+    error: str | None = None
 
 
 @dataclass

@@ -27,6 +27,7 @@ from toolrl.rollout.engine import EngineConfig, VLLMEngine
 from toolrl.rollout.protocols.base import RolloutProtocol
 from toolrl.rollout.text import PlainText
 from toolrl.rollout.trajectory import Trajectory
+from toolrl.workers.placement import in_bundle, release, reserve
 from toolrl.workers.router import Router, approx_prompt_tokens, prompt_groups, schedule
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,15 @@ class RolloutGroup:
         num_cpus: float,
         num_gpus: float = 0.0,
         max_inflight: int = 256,
+        placement_timeout_s: float | None = None,
     ) -> None:
         self._actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RolloutWorker)
         self._spec = spec
-        self.workers = [self._actor.remote(spec) for _ in range(num_workers)]
+        # one engine per node while nodes last (toolrl.workers.placement)
+        self._pg = reserve(
+            "rollout", num_workers, num_cpus, num_gpus, "SPREAD", placement_timeout_s
+        )
+        self.workers = [self._new_worker(i) for i in range(num_workers)]
         self.max_inflight = max_inflight
         self.restarts = 0  # workers started again after theirs died (see _collect)
         self._closing = False
@@ -154,7 +160,11 @@ class RolloutGroup:
         self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
         self.last_rollout_s = 0.0
         ray.get([w.ready.remote() for w in self.workers])
-        self.node_ids = set(ray.get([w.node_id.remote() for w in self.workers]))
+        self.worker_nodes = ray.get([w.node_id.remote() for w in self.workers])  # per engine
+        self.node_ids = set(self.worker_nodes)
+
+    def _new_worker(self, engine: int) -> Any:
+        return self._actor.options(**in_bundle(self._pg, engine)).remote(self._spec)
 
     def rollout(self, episodes: list[Episode], evaluate: bool = False) -> list[Trajectory]:
         """Roll out every episode; trajectories in the order of `episodes`."""
@@ -217,7 +227,7 @@ class RolloutGroup:
 
     def _restart(self, engine: int) -> None:
         ray.kill(self.workers[engine], no_restart=True)
-        worker = self._actor.remote(self._spec)
+        worker = self._new_worker(engine)  # in the dead one's bundle, once Ray frees it
         ray.get(worker.ready.remote())
         if self._last is not None:  # pushes never overlap a rollout: these are current
             kind, source, version = self._last
@@ -267,6 +277,9 @@ class RolloutGroup:
             self._keep(None, None)  # the last weights file, while its group still runs
         except Exception as e:  # the group is gone already: the file dies with the node
             log.warning("could not remove the last weights file: %s", e)
-        ray.get([w.shutdown.remote() for w in self.workers])  # stop vLLM's processes first
-        for w in self.workers:
-            ray.kill(w)
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers])  # vLLM's processes first
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            release(self._pg)

@@ -26,6 +26,7 @@ from toolrl.algo.losses import LossConfig, LossScale
 from toolrl.config import TrainGroupConfig
 from toolrl.workers.actor import OptimConfig, Policy, Reference
 from toolrl.workers.critic import Critic
+from toolrl.workers.placement import in_bundle, release, reserve
 from toolrl.workers.train_state import load_train_state, save_train_state
 
 
@@ -156,18 +157,25 @@ class TrainGroup:
         model_path: str,
         policy: PolicyRole | None = None,
         critic: CriticRole | None = None,
+        placement_timeout_s: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.has_reference = policy is not None and policy.reference
         self.has_critic = critic is not None
-        options = {"num_cpus": cfg.num_cpus_per_worker, "num_gpus": cfg.num_gpus_per_worker}
+        cpus, gpus = cfg.num_cpus_per_worker, cfg.num_gpus_per_worker
+        name = "train" if policy is not None else "critic"
+        # the ranks on as few nodes as hold them (toolrl.workers.placement)
+        self._pg = reserve(name, cfg.world_size, cpus, gpus, "PACK", placement_timeout_s)
         self.workers = [
-            TrainWorker.options(**options).remote(rank, cfg.world_size, cfg.torch_threads)
+            TrainWorker.options(num_cpus=cpus, num_gpus=gpus, **in_bundle(self._pg, rank)).remote(
+                rank, cfg.world_size, cfg.torch_threads
+            )
             for rank in range(cfg.world_size)
         ]
         master = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(master, model_path, cfg, policy, critic) for w in self.workers])
-        self.node_id = ray.get(self.workers[0].node_id.remote())  # where write_weights writes
+        self.rank_nodes = ray.get([w.node_id.remote() for w in self.workers])  # per rank
+        self.node_id = self.rank_nodes[0]  # where write_weights writes
 
     def _per_rank(self, method: str, batch: TrainBatch, *args: object) -> list:
         """Rank r gets rows batch.split(world_size)[r]; results come back in rank order."""
@@ -226,7 +234,11 @@ class TrainGroup:
         ray.get([w.load_state.remote(folder) for w in self.workers])
 
     def shutdown(self) -> None:
-        ray.get([w.shutdown.remote() for w in self.workers])
-        for w in self.workers:
-            ray.kill(w)
-        self.workers = []
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers])
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            self.workers = []
+            release(self._pg)
+            self._pg = None

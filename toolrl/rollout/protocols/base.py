@@ -115,27 +115,29 @@ class ToolCaller:
 
     def _over_limit(self, call: ToolCall) -> ToolResult:
         text = f"Error: tool call limit reached ({self.limits.max_calls} per trajectory)"
-        return ToolResult(call.name, text, False, call.id)
+        return ToolResult(call.name, text, False, call.id, error="call_limit")
 
     async def _call(self, call: ToolCall) -> ToolResult:
-        def answer(text: str, ok: bool) -> ToolResult:
-            return ToolResult(call.name, text, ok, call.id)
+        def answer(text: str, ok: bool, error: str | None = None) -> ToolResult:
+            return ToolResult(call.name, text, ok, call.id, error)
 
         tool = self.tools.get(call.name)  # only the tools this episode offers
         if tool is None:
             offered = ", ".join(sorted(self.tools))
-            return answer(f"Error: unknown tool {call.name!r}; tools: {offered}", False)
+            return answer(
+                f"Error: unknown tool {call.name!r}; tools: {offered}", False, "unknown_tool"
+            )
         timeout = self.limits.timeout_s
         try:
             await self._open(call.name)
             async with self.slots.get(call.name) or contextlib.nullcontext():
                 text, ok = await asyncio.wait_for(tool.call(self.key, call.arguments), timeout)
         except TimeoutError:
-            return answer(f"Error: timed out after {timeout:g}s", False)
+            return answer(f"Error: timed out after {timeout:g}s", False, "timeout")
         except ToolInfraError:
             raise
         except Exception as e:  # a tool bug must not crash training; the model reads what failed
-            return answer(f"Error: {call.name} failed: {type(e).__name__}: {e}", False)
+            return answer(f"Error: {call.name} failed: {type(e).__name__}: {e}", False, "raised")
         return answer(self.truncate(str(text), self.limits.max_output_tokens), bool(ok))
 
     async def _open(self, name: str) -> None:
