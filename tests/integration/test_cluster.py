@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration import runs
+from tests.net import free_port
 from toolrl import checkpoint
 
 FAKE_SLURM = Path(__file__).resolve().parents[1] / "fake_slurm"
@@ -40,9 +40,7 @@ RUN = (
 
 
 def _launch(workdir: Path, mark: str) -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{FAKE_SLURM}:{os.environ['PATH']}",

@@ -13,7 +13,6 @@ and the tolerances are those of bfloat16 compute (8 bits of mantissa).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from transformers import Qwen2ForCausalLM
 
 from tests.integration.test_fsdp_actor import _hf_logprobs, _hf_model, _make_batch
 from tests.integration.test_fsdp_actor import model_dir as model_dir  # the tiny Qwen2 fixture
+from tests.net import free_port
 from toolrl.algo.batch import TrainBatch
 from toolrl.algo.losses import LossConfig, LossScale
 from toolrl.workers.actor import OptimConfig, Policy, Reference, train_device
@@ -38,9 +38,7 @@ BF16_LOGPROB_ATOL = 0.02  # measured worst: 0.0027 on an H200 (torch 2.11, this 
 
 @pytest.fixture(scope="module", autouse=True)
 def nccl_group() -> Iterator[None]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1)

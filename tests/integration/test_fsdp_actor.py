@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from tests.net import free_port
 from toolrl.algo.batch import TrainBatch
 from toolrl.algo.losses import LossConfig, LossScale
 from toolrl.rollout.trajectory import Trajectory
@@ -28,12 +28,6 @@ from toolrl.workers.critic import Critic
 from toolrl.workers.train_state import load_train_state, save_train_state
 
 VOCAB = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +226,7 @@ def _scenario_resume(rank: int, world: int, port: int, model_dir: str, out: str)
 
 def _spawn(fn, world: int, model_dir: str, out: Path) -> Path:  # noqa: ANN001
     out.mkdir(parents=True)
-    mp.spawn(fn, args=(world, _free_port(), model_dir, str(out)), nprocs=world, join=True)
+    mp.spawn(fn, args=(world, free_port(), model_dir, str(out)), nprocs=world, join=True)
     return out
 
 

@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import pytest
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
+from tests.net import free_port  # noqa: E402
 from toolrl.data.arithmetic import ArithmeticTask  # noqa: E402
 from toolrl.rollout.parsers.base import ParsedTurn  # noqa: E402
 from toolrl.rollout.parsers.hermes import HermesParser  # noqa: E402
@@ -94,12 +94,6 @@ FORCED = (
     + call_re("lookup", r'"key": "[a-z]{1,4}",')
 )  # fmt: skip
 TRAINING = (HermesParser(), TagReasoning("<think>", "</think>"))  # conf/parser/hermes.yaml
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:

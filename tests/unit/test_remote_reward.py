@@ -14,7 +14,6 @@ import datetime
 import json
 import pickle
 import re
-import socket
 import threading
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from tests.net import free_port
 from toolrl.rewards.base import RewardInfraError, Scored
 from toolrl.rewards.combine import RewardStack
 from toolrl.rewards.remote import HttpScorer, LLMJudge, jsonable
@@ -150,12 +150,6 @@ def run(reward: Any, item: Scored) -> Any:
     return asyncio.run(reward(item))
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- the judge ------------------------------------------------------------------------------
 
 
@@ -240,7 +234,7 @@ def test_a_4xx_is_a_config_error_not_retried(srv):
 
 
 def test_connection_refused_is_an_infra_fault():
-    j = LLMJudge(base_url=f"http://127.0.0.1:{closed_port()}/v1", model="m", **FAST)
+    j = LLMJudge(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", **FAST)
     with pytest.raises(RewardInfraError, match="ConnectError"):
         run(j, x())
 

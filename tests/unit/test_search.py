@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +17,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from tests.net import free_port
 from toolrl.tools.base import Tool, ToolInfraError
 from toolrl.tools.search import (
     TRUNCATION_MARKER,
@@ -236,9 +236,7 @@ def test_http_retriever_retries_with_backoff_before_an_infra_fault(fail, retries
 
 
 def test_http_retriever_connection_failure_is_infra_error() -> None:
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     retriever = HTTPRetriever(f"http://127.0.0.1:{port}/retrieve", timeout_s=1.0, backoff_s=0.01)
     with pytest.raises(ToolInfraError):
         search(retriever, "anything")

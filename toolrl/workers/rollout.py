@@ -180,22 +180,22 @@ class RolloutGroup:
         router = Router(len(self.workers), self.max_inflight)
         out: list[Trajectory | None] = [None] * len(episodes)
 
-        sent_to: dict[ray.ObjectRef, tuple[int, Any]] = {}  # call -> (engine, its worker)
+        # call -> (engine, its worker, the episodes it runs)
+        sent_to: dict[ray.ObjectRef, tuple[int, Any, list[Episode]]] = {}
 
         def submit(engine: int, batch: list[Any]) -> ray.ObjectRef:
             eps = [ep for group in batch for ep in group.episodes]
             worker = self.workers[engine]
             ref = worker.rollout.remote(eps, evaluate)
-            sent_to[ref] = (engine, worker)
+            sent_to[ref] = (engine, worker, eps)
             return ref
 
         def wait_one(handles: list[ray.ObjectRef]) -> ray.ObjectRef:
             return ray.wait(handles, num_returns=1)[0][0]
 
         for batch, ref in schedule(groups, router, submit, wait_one):
-            eps = [ep for group in batch for ep in group.episodes]
             positions = [pos for group in batch for pos in group.positions]
-            trajs = self._collect(ref, *sent_to.pop(ref), eps, evaluate)
+            trajs = self._collect(ref, *sent_to.pop(ref), evaluate)
             for pos, traj in zip(positions, trajs, strict=True):
                 out[pos] = traj
         self.last_rollout_s = time.perf_counter() - start  # its own duration, overlapped or not
