@@ -5,18 +5,25 @@ overlapped (trainer.max_staleness=1), beside the train limit, all measured in on
     python bench/step.py --steps 12 trainer.train_group.world_size=1     # any overrides
     python bench/step.py --from-run runs/2026-11-29/18-00-00   # a finished run's split only
 
-It runs the real job (Ray, vLLM, FSDP2) twice in this process, keeping every step's training
-batch; then, with Ray shut down, it times on those same batches in this one process (torch
-threads = cores):
+It runs the real job (Ray, vLLM, FSDP2) three times in this process: synchronous and
+overlapped for the split, then synchronous again with each step's update followed by the
+train limit on the same batch while the workers wait (so the two are timed side by side and
+a change in the machine's speed, which on a shared host can be large, hits both). Then,
+with Ray shut down, it times on the synchronous run's batches in this one process (torch
+threads = cores), the three paths interleaved batch by batch:
 
     limit  a bare forward + backward + AdamW step over the batch, packed, with the head only
-           at the scored tokens: what one pass of training over these tokens costs at least
+           at the scored tokens (all at once, through cross_entropy): what one pass of
+           training over these tokens costs at least
     full   the scoring path before the lean one (padded rows, float32 logits over the whole
-           vocabulary at every position), doing what the update does: old-logprob and
-           reference passes, then forward + backward per mini-batch, AdamW step each
-    lean   the same work through toolrl.workers.scoring (what the trainer now runs)
+           vocabulary at every position), doing what the update did: old-logprob and
+           reference passes over the batch, then forward + backward per mini-batch, AdamW
+           step each
+    lean   the same work through toolrl.workers.scoring, with the old-logprob pass over the
+           rows after the first mini-batch only (the first one's update scores its own pi_old,
+           as the trainer now does)
 
-Medians are over steps 1..S-1 (step 0 warms up). Step 0 and the last step also evaluate.
+Medians are over steps 1..S-1 (step 0 warms up); ratios are medians of per-step ratios.
 """
 
 from __future__ import annotations
@@ -55,18 +62,31 @@ def load_config(overrides: list[str]):
     return cfg
 
 
-def run_job(overrides: list[str], run_dir: str) -> tuple[list[dict], list[list], str]:
-    """Run toolrl.main's job; returns (metrics per step, kept trajectories per step, model)."""
+def run_job(
+    overrides: list[str], run_dir: str, paired: list[tuple[float, float]] | None = None
+) -> tuple[list[dict], list[list], str]:
+    """Run toolrl.main's job; returns (metrics per step, kept trajectories per step, model).
+
+    With `paired`, each step's update is followed, in this process while the workers wait,
+    by the train limit on the same batch: (update seconds, limit seconds) per step. That
+    adds the limit's time to the job's step clock, so only the pairs of such a job count."""
     from toolrl import main, trainer
 
     cfg = load_config(overrides)
     cfg.run_dir = run_dir
+    model = main.resolve_model(cfg.model.path, cfg.model.embedded_tool)
     kept_per_step: list[list] = []
     real_update = trainer.Trainer._update
 
     def update(self, batch, kept):  # keep what each step trains on
         kept_per_step.append(kept)
-        return real_update(self, batch, kept)
+        t0 = time.perf_counter()
+        out = real_update(self, batch, kept)
+        if paired is not None:
+            seconds = time.perf_counter() - t0
+            limit_batch = batches_of([kept], pad_id=0)[0]  # packing ignores the padding
+            paired.append((seconds, time_limit(model, limit_batch)))
+        return out
 
     trainer.Trainer._update = update
     try:
@@ -74,7 +94,6 @@ def run_job(overrides: list[str], run_dir: str) -> tuple[list[dict], list[list],
     finally:
         trainer.Trainer._update = real_update
     rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-    model = main.resolve_model(cfg.model.path, cfg.model.embedded_tool)
     return [r for r in rows if "time/step_s" in r], kept_per_step, model
 
 
@@ -109,10 +128,11 @@ def time_update(model_path: str, batch: TrainBatch, path: str, mini: int, micro:
         else (lambda mb: _lean_logprobs(scored, mb))
     )
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-6)
+    head = batch.split_sizes(mini)[0] if path == "lean" else 0  # pi_old from the update
     t0 = time.perf_counter()
     with torch.no_grad():
-        for _ in range(2):  # pi_old and the reference
-            for mb in batch.micro_batches(micro):
+        for scored_rows in (batch.rows(head, batch.size), batch):  # pi_old, the reference
+            for mb in scored_rows.micro_batches(micro):
                 fn(mb.trimmed())
     for part in batch.split(mini):
         opt.zero_grad()
@@ -135,8 +155,7 @@ def time_limit(model_path: str, batch: TrainBatch) -> float:
     t0 = time.perf_counter()
     hidden = lm.base_model(input_ids=p.input_ids, position_ids=p.position_ids).last_hidden_state
     logits = lm.get_output_embeddings()(hidden.flatten(0, 1)[p.index])  # [N, V]
-    lp = logits.gather(-1, p.targets[:, None])[:, 0] - logits.logsumexp(dim=-1)
-    (-lp.mean()).backward()
+    F.cross_entropy(logits, p.targets).backward()  # the fastest log-softmax here (head.py)
     opt.step()
     return time.perf_counter() - t0
 
@@ -174,39 +193,45 @@ def main() -> None:
     modes = {
         "sync": ["trainer.max_staleness=0"],
         "overlap": ["trainer.max_staleness=1", "algorithm.loss.mismatch.mode=tis"],
+        "paired": ["trainer.max_staleness=0"],  # each update beside the limit, same batch
     }
-    results, kept = {}, None
+    torch.set_num_threads(cores)  # this process times the limit and the one-process paths
+    results, kept, pairs = {}, None, []
     for name, extra in modes.items():
         with tempfile.TemporaryDirectory() as run_dir:
-            rows, kept_steps, model = run_job(common + extra, run_dir)
+            paired = pairs if name == "paired" else None
+            rows, kept_steps, model = run_job(common + extra, run_dir, paired)
         results[name] = split(rows)
         kept = kept if kept is not None else kept_steps
     cfg = load_config(common)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    torch.set_num_threads(cores)
-    batches = batches_of(kept, pad)[1:]
     mini, micro = cfg.algorithm.mini_batches, cfg.trainer.train_group.micro_batch_size
+    batches = batches_of(kept, pad_id=0)[1:]
     time_limit(model, batches[0])  # warm-up
-    limit = statistics.median(time_limit(model, b) for b in batches)
-    full = statistics.median(time_update(model, b, "full", mini, micro) for b in batches)
-    lean = statistics.median(time_update(model, b, "lean", mini, micro) for b in batches)
+    limit, full, lean = [], [], []
+    for b in batches:  # interleaved, so a change in the machine's speed hits all three
+        limit.append(time_limit(model, b))
+        full.append(time_update(model, b, "full", mini, micro))
+        lean.append(time_update(model, b, "lean", mini, micro))
     s, o = results["sync"], results["overlap"]
     ideal = max(s["time/rollout_s"], s["time/train_s"], s["time/cpu_s"] / cores)
     print(f"cores {cores}; medians of steps 1..{args.steps - 1}; batches of the sync run")
     print(f"{'mode':<10}" + "".join(f"{k.split('/')[1]:>16}" for k in KEYS))
-    for name, r in results.items():
-        print(f"{name:<10}" + "".join(f"{r[k]:>16.2f}" for k in KEYS))
+    for name in ("sync", "overlap"):
+        print(f"{name:<10}" + "".join(f"{results[name][k]:>16.2f}" for k in KEYS))
     parts = [k for k in s if k not in KEYS]
     print("sync update's parts: " + ", ".join(f"{k[5:-2]} {s[k]:.2f} s" for k in parts))
-    print(f"train limit (1 process, {cores} threads, bare step):      {limit:.2f} s")
-    print(f"update, one process, full-vocabulary padded path:   {full:.2f} s")
-    print(f"update, one process, lean path:                     {lean:.2f} s")
-    print(f"ratio full / lean (same batches, same process):     {full / lean:.2f}")
-    print(f"ratio real update (Ray, FSDP2) / train limit:       {s['time/train_s'] / limit:.2f}")
-    print(f"ratio one-process lean update / train limit:        {lean / limit:.2f}")
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(a, b, strict=True))  # noqa: E731
+    real, paired_limit = [u for u, _ in pairs[1:]], [b for _, b in pairs[1:]]
+    print(
+        f"train limit (1 process, {cores} threads, bare step):      {statistics.median(limit):.2f} s"
+    )
+    print(f"update, one process, full-vocabulary padded path:   {statistics.median(full):.2f} s")
+    print(f"update, one process, lean path:                     {statistics.median(lean):.2f} s")
+    print(f"real update (Ray, FSDP2), paired run:               {statistics.median(real):.2f} s")
+    print("ratios, medians over the steps of each step's pair:")
+    print(f"  full / lean (same batch, same process):           {ratio(full, lean):.2f}")
+    print(f"  one-process lean update / train limit:            {ratio(lean, limit):.2f}")
+    print(f"  real update (Ray, FSDP2) / train limit:           {ratio(real, paired_limit):.2f}")
     print(f"overlap step / max(rollout, update, cpu/cores):     {o['time/step_s'] / ideal:.2f}")
     print(
         f"overlap step / sync step:                           {o['time/step_s'] / s['time/step_s']:.2f}"

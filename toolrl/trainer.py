@@ -268,11 +268,15 @@ class Trainer:
         a, metrics = self.algorithm, {}
         clock = Clock(metrics)  # time/<phase>_s of the update's parts
         rollout_logprobs = batch.old_logprobs  # [B, T]
+        # A batch shrunk by faults or dynamic sampling may have fewer rows than mini-batches.
+        n_parts = min(a.cfg.mini_batches, batch.size)
+        # rows whose pi_old the first update scores itself; the pass scores the rest
+        head = batch.split_sizes(n_parts)[0] if a.old_logprobs_from_update else 0
         if a.recompute_old_logprobs:
-            with clock("old_logprobs"):
-                old = self.train.logprobs(batch)  # [B, T]
-            metrics.update(logprob_drift(old, batch, kept))
-            batch.old_logprobs = old
+            batch.old_logprobs = rollout_logprobs.clone()  # rows [:head]: until that update
+            if head < batch.size:
+                with clock("old_logprobs"):
+                    batch.old_logprobs[head:] = self.train.logprobs(batch.rows(head, batch.size))
         if a.needs_reference:
             with clock("ref_logprobs"):
                 batch.ref_logprobs = self.train.ref_logprobs(batch)
@@ -281,16 +285,21 @@ class Trainer:
                 batch.values = self.critic.values(batch)
         with clock("advantages"):
             metrics.update(a.prepare(batch, kept, rollout_logprobs))
-        # A batch shrunk by faults or dynamic sampling may have fewer rows than mini-batches.
-        parts = [mb for mb in batch.split(min(a.cfg.mini_batches, batch.size)) if mb.num_tokens]
-        for mb in parts:
+        for i, mb in enumerate(batch.split(n_parts)):
+            if not mb.num_tokens:
+                continue
             with clock("policy_update"):
-                for k, v in self.train.update(mb, a.loss).items():
-                    metrics[f"train/{k}"] = v  # the last mini-batch's values
+                if i == 0 and head:
+                    m, batch.old_logprobs[:head] = self.train.update_scoring_old(mb, a.loss)
+                else:
+                    m = self.train.update(mb, a.loss)
+            metrics.update({f"train/{k}": v for k, v in m.items()})  # the last mini-batch's
             if a.needs_critic:
                 with clock("critic_update"):
                     critic_m = self.critic.update_critic(mb)
                 metrics.update({f"critic/{k}": v for k, v in critic_m.items()})
+        if a.recompute_old_logprobs:
+            metrics.update(logprob_drift(batch.old_logprobs, rollout_logprobs, batch, kept))
         return metrics
 
     def _rollout(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:
@@ -363,15 +372,15 @@ def staleness(trajs: list[Trajectory], step: int) -> dict[str, float]:
 
 
 def logprob_drift(
-    trainer_lp: torch.Tensor, batch: TrainBatch, trajs: list[Trajectory]
+    trainer_lp: torch.Tensor, rollout_lp: torch.Tensor, batch: TrainBatch, trajs: list[Trajectory]
 ) -> dict[str, float]:
     """How far the engine's logprobs are from the trainer's on the same sampled ids, overall
     and per assistant turn (a template or weight-sync bug shows up from turn 1 on).
 
-    trainer_lp, batch.old_logprobs: [B, T], column t scores token t+1 (see algo/batch.py);
-    row i is trajs[i].
+    trainer_lp, rollout_lp: [B, T], column t scores token t+1 (see algo/batch.py); row i is
+    trajs[i]; batch.loss_mask says which columns were sampled.
     """
-    diff = (trainer_lp - batch.old_logprobs).abs()  # [B, T]
+    diff = (trainer_lp - rollout_lp).abs()  # [B, T]
     sampled = diff[batch.loss_mask.bool()]
     if sampled.numel() == 0:
         return {}

@@ -7,6 +7,7 @@ Run `python -m pytest tests/integration/test_fsdp_actor.py` (about a minute on 2
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -150,11 +151,31 @@ def _scenario_grpo(rank: int, world: int, port: int, model_dir: str, out: str) -
     _finish()
 
 
-def _grads_of_one_update(policy: Policy, part: TrainBatch, scale: LossScale, loss: LossConfig):
+def _grads_of_one_update(
+    policy: Policy, part: TrainBatch, scale: LossScale, loss: LossConfig, **kwargs: object
+):
     """The full (unsharded) gradients one update computes; the optimizer step is skipped."""
     policy.optimizer.step = lambda: None  # keep the weights: every policy starts equal
-    policy.update(part, scale, loss)
+    policy.update(part, scale, loss, **kwargs)
     return {n: p.grad.full_tensor().clone() for n, p in policy.model.named_parameters()}
+
+
+def _old_from_the_update(model_dir: str, part: TrainBatch, scale: LossScale, out: str) -> None:
+    """The same first update with pi_old from a scoring pass, and from the update's own forward
+    (`old_out`, the rollout's logprobs in the batch are then not read); a KL term in both."""
+    loss, optim = LossConfig(kl_coef=0.05), OptimConfig(lr=1e-3, grad_clip=0.0)
+    passed = Policy(model_dir, optim, micro_batch_size=2, micro_batch_tokens=24)
+    scored = passed.logprobs(part)  # [b, T]
+    ref = scored - 0.3 * torch.rand(scored.shape, generator=torch.Generator().manual_seed(3))
+    base = dataclasses.replace(part, ref_logprobs=ref * part.loss_mask)
+    with_pass = _grads_of_one_update(
+        passed, dataclasses.replace(base, old_logprobs=scored), scale, loss
+    )
+    own = Policy(model_dir, optim, micro_batch_size=2, micro_batch_tokens=24)
+    old_out = torch.zeros(part.input_ids.shape)
+    stale = dataclasses.replace(base, old_logprobs=base.old_logprobs - 0.5 * part.loss_mask)
+    from_update = _grads_of_one_update(own, stale, scale, loss, old_out=old_out)
+    torch.save((with_pass, from_update, scored, old_out), out)
 
 
 def _scenario_budget(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
@@ -174,6 +195,7 @@ def _scenario_budget(rank: int, world: int, port: int, model_dir: str, out: str)
             _grads_of_one_update(budget, part, scale, loss),
         )
         assert len(part.micro_batch_rows(2, 24)) != len(part.micro_batch_rows(2))
+    _old_from_the_update(model_dir, part, scale, f"{out}/own_old{rank}.pt")
     hot = Policy(model_dir, OptimConfig(), micro_batch_size=2, temperature=0.7).logprobs(part)
     torch.save(hot, f"{out}/hot{rank}.pt")
     critic = Critic(model_dir, True, OptimConfig(lr=1e-2), 10.0, micro_batch_size=2)
@@ -340,6 +362,23 @@ def test_token_budget_micro_batches_give_the_fixed_split_gradients(runs: dict[st
         worst = max((rows[n] - budget[n]).abs().max().item() for n in rows)
         assert worst < 1e-6, (agg, worst)
         assert max(g.abs().max().item() for g in rows.values()) > 1e-4  # not vacuous
+
+
+def test_old_logprobs_from_the_update_give_the_scoring_pass_gradients(
+    runs: dict[str, Path],
+) -> None:
+    """The first update on a batch may score pi_old in its own forward (toolrl.trainer does
+    when the algorithm allows): the same gradients as a scoring pass before it, and the
+    same pi_old, without reading the batch's (here deliberately wrong) old logprobs."""
+    for rank in (0, 1):
+        with_pass, from_update, scored, old_out = torch.load(
+            runs["budget"] / f"own_old{rank}.pt", weights_only=False
+        )
+        assert torch.allclose(old_out, scored, atol=1e-6)
+        assert scored.abs().sum() > 1.0  # not vacuous: sampled columns were scored
+        worst = max((with_pass[n] - from_update[n]).abs().max().item() for n in with_pass)
+        assert worst < 1e-6, worst
+        assert max(g.abs().max().item() for g in with_pass.values()) > 1e-4
 
 
 def test_logprobs_at_a_rollout_temperature_score_the_tempered_distribution(

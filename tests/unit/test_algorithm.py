@@ -189,6 +189,14 @@ def test_needs_reference_and_critic() -> None:
     assert _algo(advantages={"_target_": GAE}).needs_critic
 
 
+def test_old_logprobs_from_the_first_update_only_when_prepare_does_not_read_them() -> None:
+    assert _algo().old_logprobs_from_update  # GRPO's default: recompute, no IS weights
+    assert not _algo(old_logprobs="rollout").old_logprobs_from_update  # no pi_old pass at all
+    tis = LossConfig(mismatch=MismatchConfig(mode="tis"))
+    assert not _algo(loss=tis).old_logprobs_from_update  # IS weights need pi_old first
+    assert not _algo(kl_in_reward=0.01).old_logprobs_from_update  # so does KL in the reward
+
+
 def test_prepare_grpo_sets_per_token_advantages_and_metrics() -> None:
     a, b = _tool_traj(), _short_traj()  # one group; totals 1.5 and -0.75
     batch = _batch([a, b])

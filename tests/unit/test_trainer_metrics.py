@@ -24,7 +24,7 @@ def test_drift_is_reported_per_turn_on_sampled_columns_only():
     trainer[0, 1] += 0.01  # token 2: turn 0
     trainer[0, 4] += 0.3  # token 5: turn 1
     trainer[0, 3] += 9.0  # token 4 is context (mask 0): must not count
-    out = logprob_drift(trainer, batch, [t])
+    out = logprob_drift(trainer, batch.old_logprobs, batch, [t])
     assert abs(out["rollout/logprob_diff_max_turn0"] - 0.01) < 1e-6
     assert abs(out["rollout/logprob_diff_max_turn1"] - 0.3) < 1e-6
     assert abs(out["rollout/logprob_diff_max"] - 0.3) < 1e-6

@@ -5,6 +5,7 @@ run needs (reference, critic), which samples it trains on, and what their advant
     algorithm.needs_reference / needs_critic    # the trainer builds only what these say
     kept, metrics = algorithm.select_groups(trajs, want)   # DAPO's dynamic sampling
     metrics = algorithm.prepare(batch, trajs, rollout_logprobs)  # advantages, returns, IS weights
+    algorithm.old_logprobs_from_update   # the first mini-batch scores pi_old in its update
     policy update: toolrl.algo.losses.policy_loss with algorithm.loss
 
 Switch with one override: `algorithm=ppo`, `algorithm=dapo`, `algorithm=rloo`, ... The trainer
@@ -72,6 +73,17 @@ class Algorithm:
     @property
     def recompute_old_logprobs(self) -> bool:
         return self.cfg.old_logprobs == "recompute"
+
+    @property
+    def old_logprobs_from_update(self) -> bool:
+        """Recomputed pi_old of the first mini-batch comes from its own update's forward (the
+        policy has not stepped on this batch yet), so the scoring pass covers only the later
+        mini-batches; not when `prepare` needs pi_old first (IS weights, KL in the reward)."""
+        return (
+            self.recompute_old_logprobs
+            and self.cfg.loss.mismatch.mode == "none"
+            and self.cfg.kl_in_reward == 0
+        )
 
     def select_groups(self, trajs: list[Trajectory], want: int) -> tuple[list[Trajectory], int]:
         """With dynamic sampling, the first `want` groups whose rewards differ (a group whose

@@ -97,18 +97,21 @@ class TrainBatch:
         """Rows [start, end) as a new batch (views, no copy)."""
         return self._map(lambda t: t[start:end])
 
+    def split_sizes(self, n: int) -> list[int]:
+        """The row counts of `split(n)`: they differ by at most one, larger ones first."""
+        base, extra = divmod(self.size, n)
+        return [base + (1 if i < extra else 0) for i in range(n)]
+
     def split(self, n: int) -> list[TrainBatch]:
-        """n contiguous parts whose sizes differ by at most one (some may be empty).
+        """n contiguous parts of `split_sizes(n)` rows (some may be empty).
 
         Parts are copies, not views: pickling a view (to send it to a rank) would ship the
         whole underlying storage.
         """
-        base, extra = divmod(self.size, n)
         parts, start = [], 0
-        for i in range(n):
-            end = start + base + (1 if i < extra else 0)
-            parts.append(self.rows(start, end)._map(torch.clone))
-            start = end
+        for size in self.split_sizes(n):
+            parts.append(self.rows(start, start + size)._map(torch.clone))
+            start += size
         return parts
 
     def select(self, rows: list[int]) -> TrainBatch:

@@ -198,11 +198,21 @@ class Policy(_Scorer):
         self.optim_cfg = optim
         self.optimizer, self.scheduler = make_optimizer(self.model, optim)
 
-    def update(self, batch: TrainBatch, scale: LossScale, loss_cfg: LossConfig) -> dict[str, float]:
+    def update(
+        self,
+        batch: TrainBatch,
+        scale: LossScale,
+        loss_cfg: LossConfig,
+        old_out: Tensor | None = None,
+    ) -> dict[str, float]:
         """One optimizer step over this rank's rows; metrics are global (same on every rank).
 
         scale: counts of the global mini-batch (all ranks together), see algo/losses.py;
-        loss_cfg: the algorithm's loss settings.
+        loss_cfg: the algorithm's loss settings. old_out: a zero [B, T] tensor, given when
+        pi_old is the policy as it stands (the first step on a rollout batch): each
+        micro-batch's own forward is then its pi_old (ratio 1, so the gradient is the plain
+        policy gradient), batch.old_logprobs is not read, and the forward's logprobs are
+        written to old_out, saving the scoring pass before the update.
         """
         if loss_cfg.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 but the batch has no ref_logprobs")
@@ -214,9 +224,15 @@ class Policy(_Scorer):
         sums: dict[str, Tensor] = {}
         ratio_max = torch.zeros(1, dtype=torch.float64, device=device)
         entropy = loss_cfg.entropy_coef > 0
-        for mb, _ in aligned_micro_batches(batch, self.micro_batch_size, self.micro_batch_tokens):
+        for mb, rows in aligned_micro_batches(
+            batch, self.micro_batch_size, self.micro_batch_tokens
+        ):
             mb = mb.trimmed().to(device)
             lp, ent = self.model.score(mb, self.temperature, entropy)
+            if old_out is not None:
+                mb.old_logprobs = lp.detach()  # [b, t], 0 off the sampled columns
+                if rows is not None:
+                    old_out[torch.tensor(rows), : lp.shape[1]] = mb.old_logprobs.cpu()
             loss, m = policy_loss(lp, mb, loss_cfg, scale, ent)
             # FSDP2 averages gradients over ranks; * world turns that mean back into the sum
             # over ranks, so the step equals one process's step on the full batch.

@@ -105,8 +105,11 @@ class TrainWorker:
     def values(self, batch: TrainBatch) -> Tensor:
         return self.critic.values(batch)
 
-    def update(self, batch: TrainBatch, scale: LossScale, loss: LossConfig) -> dict[str, float]:
-        return self.policy.update(batch, scale, loss)
+    def update(
+        self, batch: TrainBatch, scale: LossScale, loss: LossConfig, score_old: bool
+    ) -> tuple[dict[str, float], Tensor | None]:
+        old = torch.zeros(batch.input_ids.shape) if score_old else None
+        return self.policy.update(batch, scale, loss, old), old
 
     def update_critic(self, batch: TrainBatch, scale: LossScale) -> dict[str, float]:
         return self.critic.update(batch, scale)
@@ -199,7 +202,23 @@ class TrainGroup:
     def update(self, batch: TrainBatch, loss: LossConfig) -> dict[str, float]:
         """One policy optimizer step on the whole batch with the algorithm's loss settings;
         equals a single-process step."""
-        return self._fold(self._per_rank("update", batch, LossScale.of(batch), loss))
+        return self._update(batch, loss, score_old=False)[0]
+
+    def update_scoring_old(
+        self, batch: TrainBatch, loss: LossConfig
+    ) -> tuple[dict[str, float], Tensor]:
+        """`update` with pi_old = the policy as it stands (the first step on a rollout batch):
+        the update's own forward scores it. Returns (metrics, [B, T] pi_old logprobs);
+        batch.old_logprobs is not read."""
+        metrics, old = self._update(batch, loss, score_old=True)
+        return metrics, old
+
+    def _update(
+        self, batch: TrainBatch, loss: LossConfig, score_old: bool
+    ) -> tuple[dict[str, float], Tensor | None]:
+        out = self._per_rank("update", batch, LossScale.of(batch), loss, score_old)
+        old = torch.cat([o for _, o in out]) if score_old else None
+        return self._fold([m for m, _ in out]), old
 
     def update_critic(self, batch: TrainBatch) -> dict[str, float]:
         """One critic optimizer step on the whole batch (values, returns set)."""
