@@ -12,8 +12,10 @@ loss masks out) and times, after one warm-up each:
             forward, the head only at scored tokens, backward; one AdamW step
     update  Policy.update: what the trainer runs (FSDP2, bfloat16 compute over float32
             masters, chunked head, grad clip, metrics)
-    step    what the trainer's update phase does on one rank: old-logprob and reference
-            passes (Policy.logprobs, Reference.logprobs) then Policy.update
+    step    the update phase as the trainer ran it before the first mini-batch scored its
+            own pi_old (the numbers in the README are from then): old-logprob and reference
+            passes over the whole batch (Policy.logprobs, Reference.logprobs), then
+            Policy.update; the trainer now skips the pass for the first mini-batch's rows
 
 and prints seconds, scored tokens per second, the ratios update/limit and step/limit, and the
 peak GPU memory of each.

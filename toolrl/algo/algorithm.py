@@ -78,7 +78,8 @@ class Algorithm:
     def old_logprobs_from_update(self) -> bool:
         """Recomputed pi_old of the first mini-batch comes from its own update's forward (the
         policy has not stepped on this batch yet), so the scoring pass covers only the later
-        mini-batches; not when `prepare` needs pi_old first (IS weights, KL in the reward)."""
+        mini-batches; not when `prepare` needs pi_old first (IS weights, KL in the reward:
+        anything new in `prepare` that reads batch.old_logprobs belongs in this condition)."""
         return (
             self.recompute_old_logprobs
             and self.cfg.loss.mismatch.mode == "none"
@@ -110,8 +111,10 @@ class Algorithm:
     ) -> dict[str, float]:
         """Set the batch's advantages (and returns, IS weights); returns metrics.
 
-        batch.old_logprobs (recomputed or the rollout's), batch.ref_logprobs (when
-        needs_reference) and batch.values (when needs_critic) are set; rollout_logprobs: [B, T].
+        batch.old_logprobs (recomputed or the rollout's; with `old_logprobs_from_update`, the
+        first mini-batch's rows still hold the rollout's, so nothing here may read them then),
+        batch.ref_logprobs (when needs_reference) and batch.values (when needs_critic) are
+        set; rollout_logprobs: [B, T].
         """
         x = self._inputs(batch, trajs)
         batch.advantages, batch.returns = self.estimator(x)

@@ -212,10 +212,17 @@ class Policy(_Scorer):
         pi_old is the policy as it stands (the first step on a rollout batch): each
         micro-batch's own forward is then its pi_old (ratio 1, so the gradient is the plain
         policy gradient), batch.old_logprobs is not read, and the forward's logprobs are
-        written to old_out, saving the scoring pass before the update.
+        written to old_out, saving the scoring pass before the update. That forward runs in
+        train mode: the same as the pass's eval mode for models without dropout (HF LMs'
+        attention and hidden dropout default to 0).
         """
         if loss_cfg.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 but the batch has no ref_logprobs")
+        if old_out is not None and (
+            loss_cfg.mismatch.mode != "none" or batch.is_weights is not None
+        ):
+            # IS weights compare pi_old with the rollout's logprobs before the update
+            raise ValueError("pi_old from the update's own forward cannot carry IS weights")
         device, world = train_device(), dist.get_world_size()
         num_tokens = max(scale.num_tokens, 1.0)
         scale = LossScale(num_tokens, max(scale.num_seqs, 1.0))
@@ -224,6 +231,7 @@ class Policy(_Scorer):
         sums: dict[str, Tensor] = {}
         ratio_max = torch.zeros(1, dtype=torch.float64, device=device)
         entropy = loss_cfg.entropy_coef > 0
+        scored_old: list[tuple[list[int], Tensor]] = []  # copied to old_out after the loop
         for mb, rows in aligned_micro_batches(
             batch, self.micro_batch_size, self.micro_batch_tokens
         ):
@@ -232,7 +240,7 @@ class Policy(_Scorer):
             if old_out is not None:
                 mb.old_logprobs = lp.detach()  # [b, t], 0 off the sampled columns
                 if rows is not None:
-                    old_out[torch.tensor(rows), : lp.shape[1]] = mb.old_logprobs.cpu()
+                    scored_old.append((rows, mb.old_logprobs))
             loss, m = policy_loss(lp, mb, loss_cfg, scale, ent)
             # FSDP2 averages gradients over ranks; * world turns that mean back into the sum
             # over ranks, so the step equals one process's step on the full batch.
@@ -244,6 +252,8 @@ class Policy(_Scorer):
             for k, v in parts.items():
                 sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v
             ratio_max = torch.maximum(ratio_max, m["ratio_max"].double().reshape(1))
+        for rows, old in scored_old:
+            old_out[torch.tensor(rows), : old.shape[1]] = old.cpu()
         grad_norm = clip_grads(self.model, self.optim_cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from toolrl.algo.batch import TrainBatch
 
-HEAD_CHUNK_TOKENS = 1024  # [1024, 152k] float32 logits are 0.6 GB: the peak a chunk adds
+HEAD_CHUNK_TOKENS = 1024  # [1024, 152k] float32 logits: 0.6 GB, a chunk adds a few (log-softmax)
 
 
 @dataclass
