@@ -10,6 +10,7 @@ Run: `.venv/bin/python -m pytest tests/integration/test_engine.py -q -s` (-s sho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -389,6 +390,35 @@ def test_a_later_turn_reads_its_context_from_the_prefix_cache(runner, engine, hf
     state = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
     runner.run(engine.load_weights(pack_state_dict(state), version=engine.version + 1))
     assert gen(runner, engine, later, max_new_tokens=8, seed=4).cached_tokens == 0
+
+
+def test_idle_engine_burns_no_cpu(runner, engine):
+    """Once a generation is over, the engine's processes (children of this one) sleep: vLLM's
+    worker stops spinning for the next step after toolrl.workers.engine_idle's window (vLLM's
+    own is 1 s, which held a core through the first second of every update)."""
+    import psutil
+
+    from toolrl.workers.engine_idle import IDLE_AFTER_S
+
+    children = [  # vLLM names them VLLM::EngineCore, VLLM::Worker; Ray's are left out
+        p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")
+    ]
+    assert len(children) >= 2, "the engine runs in processes of its own"
+
+    def cpu_seconds() -> float:
+        total = 0.0
+        for p in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    gen(runner, engine, PROMPTS[2], max_new_tokens=16, seed=1)
+    time.sleep(IDLE_AFTER_S + 0.1)
+    start = cpu_seconds()
+    time.sleep(0.5)
+    burnt = cpu_seconds() - start
+    assert burnt < 0.05, f"the idle engine's processes used {burnt:.2f} CPU s in 0.5 s"
 
 
 def test_engine_in_ray_async_actor(runner, engine, tiny_model_dir, hf_model):

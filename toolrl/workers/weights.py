@@ -10,6 +10,9 @@ methods become callable with the engine's `collective_rpc`. `VLLMEngine.load_wei
 - vLLM refuses extension attributes whose names already exist on the worker (e.g.
   `update_weights`), hence the `toolrl_` prefix on every attribute here.
 
+Being the module vLLM imports in its worker process, it also has that worker stop
+busy-waiting soon after each step on CPU (toolrl.workers.engine_idle).
+
 Not run directly; exercised by `pytest tests/integration/test_engine.py`.
 """
 
@@ -21,6 +24,8 @@ import tempfile
 from collections.abc import Iterator, Mapping
 
 import torch
+
+from toolrl.workers.engine_idle import spin_less
 
 WORKER_EXTENSION = "toolrl.workers.weights.WeightReloadExtension"
 
@@ -76,6 +81,8 @@ def pack_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bytes:
         seen.add(storage)
     return save(flat)
 
+
+spin_less()  # in vLLM's worker process only (see toolrl.workers.engine_idle)
 
 TIED_HEAD = "lm_head.weight"
 TIED_EMBED = "model.embed_tokens.weight"
