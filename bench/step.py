@@ -23,7 +23,9 @@ threads = cores), the three paths interleaved batch by batch:
            rows after the first mini-batch only (the first one's update scores its own pi_old,
            as the trainer now does)
 
-Medians are over steps 1..S-1 (step 0 warms up); ratios are medians of per-step ratios.
+Medians are over steps 1..S-1 (step 0 warms up); ratios are medians of per-step ratios, with
+their range over the steps (repeated runs of the same code moved the paired ratio by about
+0.1, README).
 """
 
 from __future__ import annotations
@@ -169,6 +171,12 @@ def batches_of(kept_per_step: list[list], pad_id: int) -> list[TrainBatch]:
     return out
 
 
+def ratio(a: list[float], b: list[float]) -> str:
+    """The median of the per-step ratios a/b, and their range over the steps."""
+    r = sorted(x / y for x, y in zip(a, b, strict=True))
+    return f"{statistics.median(r):.2f}  (steps: {r[0]:.2f}-{r[-1]:.2f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
@@ -220,7 +228,6 @@ def main() -> None:
         print(f"{name:<10}" + "".join(f"{results[name][k]:>16.2f}" for k in KEYS))
     parts = [k for k in s if k not in KEYS]
     print("sync update's parts: " + ", ".join(f"{k[5:-2]} {s[k]:.2f} s" for k in parts))
-    ratio = lambda a, b: statistics.median(x / y for x, y in zip(a, b, strict=True))  # noqa: E731
     real, paired_limit = [u for u, _ in pairs[1:]], [b for _, b in pairs[1:]]
     print(
         f"train limit (1 process, {cores} threads, bare step):      {statistics.median(limit):.2f} s"
@@ -229,9 +236,9 @@ def main() -> None:
     print(f"update, one process, lean path:                     {statistics.median(lean):.2f} s")
     print(f"real update (Ray, FSDP2), paired run:               {statistics.median(real):.2f} s")
     print("ratios, medians over the steps of each step's pair:")
-    print(f"  full / lean (same batch, same process):           {ratio(full, lean):.2f}")
-    print(f"  one-process lean update / train limit:            {ratio(lean, limit):.2f}")
-    print(f"  real update (Ray, FSDP2) / train limit:           {ratio(real, paired_limit):.2f}")
+    print(f"  full / lean (same batch, same process):           {ratio(full, lean)}")
+    print(f"  one-process lean update / train limit:            {ratio(lean, limit)}")
+    print(f"  real update (Ray, FSDP2) / train limit:           {ratio(real, paired_limit)}")
     print(f"overlap step / max(rollout, update, cpu/cores):     {o['time/step_s'] / ideal:.2f}")
     print(
         f"overlap step / sync step:                           {o['time/step_s'] / s['time/step_s']:.2f}"
