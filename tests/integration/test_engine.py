@@ -414,7 +414,7 @@ def test_idle_engine_burns_no_cpu(runner, engine):
         return total
 
     gen(runner, engine, PROMPTS[2], max_new_tokens=16, seed=1)
-    time.sleep(IDLE_AFTER_S + 0.1)
+    time.sleep(IDLE_AFTER_S + 0.4)  # margin for a slow host to finish the request
     start = cpu_seconds()
     time.sleep(0.5)
     burnt = cpu_seconds() - start
