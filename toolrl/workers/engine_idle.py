@@ -14,8 +14,10 @@ runs. The cap is about not holding a core nobody uses.
 A decode step takes less than the window, so while it generates the worker spins as vLLM
 intends; past the window it sleeps on the socket and wakes at the next write. (Even a 20 ms
 window cost no measurable throughput: 128 requests of 64 ids at once, processes alternated,
-ran at 4,532 and 3,845 tok/s without the cap, 4,307 and 3,800 with it.) `toolrl.workers.weights` (the module vLLM imports in its worker)
-calls `spin_less()` at import; in any other process it does nothing.
+ran at 4,532 and 3,845 tok/s without the cap, 4,307 and 3,800 with it.)
+
+`toolrl.workers.weights` (the module vLLM imports in its worker) calls `spin_less()` at
+import; in any other process it does nothing.
 
 Run `python -m pytest tests/integration/test_engine.py -k idle`.
 """
