@@ -267,7 +267,7 @@ class Trainer:
         optimizer step per mini-batch (policy, then critic)."""
         a, metrics = self.algorithm, {}
         clock = Clock(metrics)  # time/<phase>_s of the update's parts
-        rollout_logprobs = batch.old_logprobs  # [B, T]
+        rollout_logprobs, mask = batch.old_logprobs, batch.loss_mask  # [B, T] each
         # A batch shrunk by faults or dynamic sampling may have fewer rows than mini-batches.
         n_parts = min(a.cfg.mini_batches, batch.size)
         # rows whose pi_old the first update scores itself; the pass scores the rest
@@ -284,12 +284,15 @@ class Trainer:
             with clock("values"):
                 batch.values = self.critic.values(batch)
         with clock("advantages"):
-            metrics.update(a.prepare(batch, kept, rollout_logprobs))
+            metrics.update(a.prepare(batch, kept))
+            if a.weighs_mismatch:  # rows [:head] are weighed by their own update
+                batch.is_weights, _ = a.mismatch(batch.old_logprobs, rollout_logprobs, mask)
         for i, mb in enumerate(batch.split(n_parts)):
             if not mb.num_tokens:
                 continue
             with clock("policy_update"):
                 if i == 0 and head:
+                    mb.is_weights = None  # its pi_old is not scored yet
                     m, batch.old_logprobs[:head] = self.train.update_scoring_old(mb, a.loss)
                 else:
                     m = self.train.update(mb, a.loss)
@@ -300,6 +303,8 @@ class Trainer:
                 metrics.update({f"critic/{k}": v for k, v in critic_m.items()})
         if a.recompute_old_logprobs:
             metrics.update(logprob_drift(batch.old_logprobs, rollout_logprobs, batch, kept))
+        if a.weighs_mismatch:  # over every row, now that each has its pi_old
+            metrics.update(a.mismatch(batch.old_logprobs, rollout_logprobs, mask)[1])
         return metrics
 
     def _rollout(self, step: int) -> tuple[list[Trajectory], list[Trajectory], dict[str, float]]:

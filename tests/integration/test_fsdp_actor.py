@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tests.net import free_port
 from toolrl.algo.batch import TrainBatch
-from toolrl.algo.losses import LossConfig, LossScale
+from toolrl.algo.losses import LossConfig, LossScale, mismatch_weights
+from toolrl.config import MismatchConfig
 from toolrl.rollout.trajectory import Trajectory
 from toolrl.workers.actor import OptimConfig, Policy, Reference
 from toolrl.workers.critic import Critic
@@ -175,7 +176,20 @@ def _old_from_the_update(model_dir: str, part: TrainBatch, scale: LossScale, out
     old_out = torch.zeros(part.input_ids.shape)
     stale = dataclasses.replace(base, old_logprobs=base.old_logprobs - 0.5 * part.loss_mask)
     from_update = _grads_of_one_update(own, stale, scale, loss, old_out=old_out)
-    torch.save((with_pass, from_update, scored, old_out), out)
+    # with IS weights: pi_old against the engine's logprobs, weighed by the trainer before a
+    # pass's update, by the update itself when it scores pi_old (tis at 1.1 cuts some rho)
+    tis = dataclasses.replace(loss, mismatch=MismatchConfig(mode="tis", high=1.1))
+    noise = torch.rand(scored.shape, generator=torch.Generator().manual_seed(4))
+    engine = (scored - 0.2 * noise) * part.loss_mask
+    weights, _ = mismatch_weights(scored - engine, part.loss_mask, tis.mismatch)
+    weighed = dataclasses.replace(base, old_logprobs=scored, is_weights=weights)
+    weighed_pass = _grads_of_one_update(passed, weighed, scale, tis)
+    own_engine = dataclasses.replace(base, old_logprobs=engine)
+    weighed_own = _grads_of_one_update(
+        own, own_engine, scale, tis, old_out=torch.zeros_like(old_out)
+    )
+    grads = (with_pass, from_update, weighed_pass, weighed_own)
+    torch.save((grads, scored, old_out), out)
 
 
 def _scenario_budget(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
@@ -371,14 +385,21 @@ def test_old_logprobs_from_the_update_give_the_scoring_pass_gradients(
     when the algorithm allows): the same gradients as a scoring pass before it, and the
     same pi_old, without reading the batch's (here deliberately wrong) old logprobs."""
     for rank in (0, 1):
-        with_pass, from_update, scored, old_out = torch.load(
+        grads, scored, old_out = torch.load(
             runs["budget"] / f"own_old{rank}.pt", weights_only=False
         )
+        with_pass, from_update, weighed_pass, weighed_own = grads
         assert torch.allclose(old_out, scored, atol=1e-6)
         assert scored.abs().sum() > 1.0  # not vacuous: sampled columns were scored
-        worst = max((with_pass[n] - from_update[n]).abs().max().item() for n in with_pass)
-        assert worst < 1e-6, worst
+        assert _max_diff(with_pass, from_update) < 1e-6
         assert max(g.abs().max().item() for g in with_pass.values()) > 1e-4
+        # the IS weights the update computes for itself are the trainer's
+        assert _max_diff(weighed_pass, weighed_own) < 1e-6
+        assert _max_diff(weighed_pass, with_pass) > 1e-4  # not vacuous: the weights count
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
 def test_logprobs_at_a_rollout_temperature_score_the_tempered_distribution(

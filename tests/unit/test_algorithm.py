@@ -193,14 +193,14 @@ def test_old_logprobs_from_the_first_update_only_when_prepare_does_not_read_them
     assert _algo().old_logprobs_from_update  # GRPO's default: recompute, no IS weights
     assert not _algo(old_logprobs="rollout").old_logprobs_from_update  # no pi_old pass at all
     tis = LossConfig(mismatch=MismatchConfig(mode="tis"))
-    assert not _algo(loss=tis).old_logprobs_from_update  # IS weights need pi_old first
-    assert not _algo(kl_in_reward=0.01).old_logprobs_from_update  # so does KL in the reward
+    assert _algo(loss=tis).old_logprobs_from_update  # that update weighs its own rows
+    assert not _algo(kl_in_reward=0.01).old_logprobs_from_update  # KL in the reward needs pi_old
 
 
 def test_prepare_grpo_sets_per_token_advantages_and_metrics() -> None:
     a, b = _tool_traj(), _short_traj()  # one group; totals 1.5 and -0.75
     batch = _batch([a, b])
-    metrics = _algo().prepare(batch, [a, b], batch.old_logprobs.clone())
+    metrics = _algo().prepare(batch, [a, b])
     # mean 0.375, centred +-1.125, unbiased std sqrt(2 * 1.125^2) = 1.591 -> +-0.7071
     h = 0.5**0.5
     assert batch.advantages.tolist() == [
@@ -218,7 +218,7 @@ def test_prepare_reports_the_mean_overlong_penalty() -> None:
     a, b = _tool_traj(), _short_traj()
     batch = _batch([a, b])
     algo = _algo(max_total_tokens=10, overlong_buffer=4)
-    metrics = algo.prepare(batch, [a, b], batch.old_logprobs.clone())
+    metrics = algo.prepare(batch, [a, b])
     assert metrics["train/overlong_penalty"] == pytest.approx((-0.75 + 0.0) / 2)  # see above
 
 
@@ -226,7 +226,7 @@ def test_prepare_reinforce_pp_uses_the_placed_token_rewards() -> None:
     a = _tool_traj(credit=1.0, reward=1.0)
     batch = _batch([a])
     algo = _algo(advantages={"_target_": "toolrl.algo.advantages.ReinforcePP", "gamma": 1.0})
-    algo.prepare(batch, [a], batch.old_logprobs.clone())
+    algo.prepare(batch, [a])
     # token rewards: 1 on column 3, 1 on column 7 -> reward-to-go 2, 2, 1, 1 on 2, 3, 6, 7
     # whitened: mean 1.5, unbiased std sqrt(1/3) -> +-0.866
     h = 0.5 / (1 / 3) ** 0.5
@@ -242,7 +242,7 @@ def test_prepare_gae_by_hand_across_the_tool_answer() -> None:
     batch = _batch([a])
     batch.values = torch.tensor([[VALUES.get(c, 100.0) for c in range(9)]])
     spec = {"_target_": GAE, "gamma": 0.9, "lam": 0.5, "whiten": False}
-    metrics = _algo(advantages=spec).prepare(batch, [a], batch.old_logprobs.clone())
+    metrics = _algo(advantages=spec).prepare(batch, [a])
     # gamma * lam = 0.45; V_next of column 3 is V6 (the next sampled column, past the answer)
     #   t7: 1 + 0 - 0.4 = 0.6                                     A7 = 0.6
     #   t6: 0 + 0.9 * 0.4 - 0.3 = 0.06;     A6 = 0.06 + 0.45 * 0.6  = 0.33
@@ -270,7 +270,7 @@ def test_prepare_gae_with_a_perfect_critic() -> None:
     # gamma = lam = 1: values equal to the reward-to-go (1.5, 1.5, 1, 1) leave nothing to learn
     batch.values = torch.tensor([_row({2: 1.5, 3: 1.5, 6: 1.0, 7: 1.0})])
     spec = {"_target_": GAE, "gamma": 1.0, "lam": 1.0}
-    metrics = _algo(advantages=spec).prepare(batch, [a], batch.old_logprobs.clone())
+    metrics = _algo(advantages=spec).prepare(batch, [a])
     assert batch.advantages.abs().max().item() < 1e-6
     assert torch.allclose(batch.returns, batch.values)
     assert metrics["critic/explained_variance"] == pytest.approx(1.0)
@@ -280,7 +280,7 @@ def test_prepare_gae_needs_the_batch_values() -> None:
     a = _tool_traj()
     batch = _batch([a])
     with pytest.raises(ValueError, match="critic"):
-        _algo(advantages={"_target_": GAE}).prepare(batch, [a], batch.old_logprobs.clone())
+        _algo(advantages={"_target_": GAE}).prepare(batch, [a])
 
 
 def _mismatch_algo(old_logprobs: str) -> Algorithm:
@@ -288,25 +288,27 @@ def _mismatch_algo(old_logprobs: str) -> Algorithm:
     return _algo(loss=loss, old_logprobs=old_logprobs)
 
 
-def test_prepare_sets_is_weights_when_old_logprobs_are_recomputed() -> None:
+def test_mismatch_weighs_recomputed_old_logprobs_against_the_engines() -> None:
     a = _tool_traj()
     batch = _batch([a])
     rollout = batch.old_logprobs.clone()
     rho = torch.ones(1, 9)  # trainer / engine on each column
     rho[0, [2, 3, 6, 7]] = torch.tensor([1.5, 3.0, 1.0, 0.5])
-    batch.old_logprobs = rollout + rho.log()  # the trainer's recomputation
-    metrics = _mismatch_algo("recompute").prepare(batch, [a], rollout)
+    old = rollout + rho.log()  # the trainer's recomputation
+    algo = _mismatch_algo("recompute")
+    assert algo.weighs_mismatch
+    weights, metrics = algo.mismatch(old, rollout, batch.loss_mask)
     # tis: min(rho, 2) on sampled columns -> 1.5, 2.0, 1.0, 0.5; one of four cut (3.0 > 2)
-    assert batch.is_weights.tolist() == [pytest.approx(_row({2: 1.5, 3: 2.0, 6: 1.0, 7: 0.5}))]
+    assert weights.tolist() == [pytest.approx(_row({2: 1.5, 3: 2.0, 6: 1.0, 7: 0.5}))]
     assert metrics["train/mismatch/tokens_cut"] == pytest.approx(0.25)
     assert metrics["train/mismatch/seqs_masked"] == 0.0
+    algo.prepare(batch, [a])
+    assert batch.is_weights is None  # prepare sets advantages only; the trainer sets these
 
 
-def test_prepare_leaves_is_weights_to_the_loss_in_rollout_mode() -> None:
-    a = _tool_traj()
-    batch = _batch([a])
-    metrics = _mismatch_algo("rollout").prepare(batch, [a], batch.old_logprobs.clone())
-    assert batch.is_weights is None and not any("mismatch" in k for k in metrics)
+def test_the_loss_weighs_the_mismatch_itself_in_rollout_mode() -> None:
+    assert not _mismatch_algo("rollout").weighs_mismatch
+    assert not _algo(old_logprobs="recompute").weighs_mismatch  # mode none
 
 
 def _gdpo_trajs() -> list[Trajectory]:
@@ -340,12 +342,12 @@ def test_gdpo_keeps_an_environments_step_reward_that_no_component_gave() -> None
     for t in trajs:
         t.info = {"reward_components": {"a": 0.0}, "reward_weights": {"a": 1.0}}
     batch = _batch(trajs)
-    _gdpo_algo().prepare(batch, trajs, batch.old_logprobs.clone())
+    _gdpo_algo().prepare(batch, trajs)
     assert batch.advantages[:, 1].tolist() == pytest.approx([0.5**0.5, -(0.5**0.5)], abs=1e-5)
 
 
 def test_gdpo_through_prepare_ignores_float_rounding_of_the_weighted_sum() -> None:
     trajs = _gdpo_trajs()
     batch = _batch(trajs)
-    _gdpo_algo().prepare(batch, trajs, batch.old_logprobs.clone())
+    _gdpo_algo().prepare(batch, trajs)
     assert batch.advantages[:, 1].tolist() == pytest.approx(GDPO_EXPECTED, abs=1e-3)

@@ -40,9 +40,12 @@ class RecordingGroup:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[int]]] = []
+        self.is_weights: list[torch.Tensor | None] = []  # each update's
 
     def _log(self, name: str, mb: TrainBatch) -> None:
         self.calls.append((name, (mb.input_ids[:, 0] - 1).tolist()))
+        if name != "pass":
+            self.is_weights.append(mb.is_weights)
 
     def logprobs(self, mb: TrainBatch) -> torch.Tensor:
         self._log("pass", mb)
@@ -68,7 +71,7 @@ def _run(n: int, mini_batches: int, sampled=lambda r: True, **algo):  # noqa: AN
     group = RecordingGroup()
     host = SimpleNamespace(algorithm=Algorithm(cfg, 100), train=group, critic=None)
     metrics = Trainer._update(host, batch, trajs)
-    return group.calls, batch, rollout, metrics
+    return group, batch, rollout, metrics
 
 
 @pytest.mark.parametrize(
@@ -86,8 +89,8 @@ def _run(n: int, mini_batches: int, sampled=lambda r: True, **algo):  # noqa: AN
     ],
 )
 def test_the_first_update_scores_its_own_pi_old_and_the_pass_the_rest(n, mini_batches, expected):
-    calls, batch, rollout, metrics = _run(n, mini_batches)
-    assert calls == expected
+    group, batch, rollout, metrics = _run(n, mini_batches)
+    assert group.calls == expected
     # every row's pi_old came back to its own row, from whichever call scored it
     expected_old = _trainer_lp(dataclasses.replace(batch, old_logprobs=rollout))
     assert torch.allclose(batch.old_logprobs, expected_old)
@@ -96,24 +99,33 @@ def test_the_first_update_scores_its_own_pi_old_and_the_pass_the_rest(n, mini_ba
 
 
 def test_a_first_mini_batch_without_sampled_tokens_is_skipped():
-    calls, _, _, metrics = _run(4, 2, sampled=lambda r: r >= 2)
-    assert calls == [("pass", [2, 3]), ("update", [2, 3])]
+    group, _, _, metrics = _run(4, 2, sampled=lambda r: r >= 2)
+    assert group.calls == [("pass", [2, 3]), ("update", [2, 3])]
     assert metrics["rollout/logprob_diff_max"] == pytest.approx(0.04)
 
 
-@pytest.mark.parametrize(
-    "algo",
-    [
-        {"loss": LossConfig(mismatch=MismatchConfig(mode="tis"))},  # IS weights need pi_old
-        {"kl_in_reward": 0.01, "loss": LossConfig(kl_coef=0.0)},  # so does KL in the reward
-    ],
-)
-def test_the_pass_scores_every_row_when_prepare_needs_pi_old(algo):
-    calls, batch, rollout, _ = _run(4, 2, **algo)
-    assert calls == [("pass", [0, 1, 2, 3]), ("update", [0, 1]), ("update", [2, 3])]
+def test_the_pass_scores_every_row_when_prepare_needs_pi_old():
+    algo = {"kl_in_reward": 0.01, "loss": LossConfig(kl_coef=0.0)}  # KL in the reward
+    group, batch, rollout, _ = _run(4, 2, **algo)
+    assert group.calls == [("pass", [0, 1, 2, 3]), ("update", [0, 1]), ("update", [2, 3])]
+
+
+def test_is_weights_of_the_first_mini_batch_come_from_its_own_update():
+    """Its rows' pi_old is scored by that update, so it gets no weights from the trainer (the
+    group computes them: tests/integration/test_fsdp_actor.py); the others get min(rho, 2),
+    and the mismatch metrics cover every row once all are scored."""
+    loss = LossConfig(mismatch=MismatchConfig(mode="tis", high=2.0))
+    group, batch, rollout, metrics = _run(4, 2, loss=loss)
+    assert group.calls == [("pass", [2, 3]), ("update_scoring_old", [0, 1]), ("update", [2, 3])]
+    head, later = group.is_weights
+    assert head is None
+    rho = torch.tensor([[0.03], [0.04]]).exp()  # _trainer_lp: rows 2, 3 shifted by 0.03, 0.04
+    assert torch.allclose(later, rho * batch.rows(2, 4).loss_mask)
+    all_rho = torch.tensor([0.01, 0.02, 0.03, 0.04]).exp().mean().item()  # 2 tokens a row
+    assert metrics["train/mismatch/rho_mean"] == pytest.approx(all_rho)
 
 
 def test_no_pass_and_no_drift_with_the_rollouts_logprobs():
-    calls, batch, rollout, metrics = _run(4, 2, old_logprobs="rollout")
-    assert calls == [("update", [0, 1]), ("update", [2, 3])]
+    group, batch, rollout, metrics = _run(4, 2, old_logprobs="rollout")
+    assert group.calls == [("update", [0, 1]), ("update", [2, 3])]
     assert torch.equal(batch.old_logprobs, rollout) and "rollout/logprob_diff_max" not in metrics

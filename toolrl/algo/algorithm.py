@@ -4,7 +4,9 @@ run needs (reference, critic), which samples it trains on, and what their advant
     algorithm = Algorithm(cfg.algorithm, max_total_tokens)
     algorithm.needs_reference / needs_critic    # the trainer builds only what these say
     kept, metrics = algorithm.select_groups(trajs, want)   # DAPO's dynamic sampling
-    metrics = algorithm.prepare(batch, trajs, rollout_logprobs)  # advantages, returns, IS weights
+    metrics = algorithm.prepare(batch, trajs)   # advantages (and returns)
+    algorithm.weighs_mismatch            # IS weights: pi_old against the engine's logprobs
+    batch.is_weights, metrics = algorithm.mismatch(pi_old, rollout_logprobs, mask)
     algorithm.old_logprobs_from_update   # the first mini-batch scores pi_old in its update
     policy update: toolrl.algo.losses.policy_loss with algorithm.loss
 
@@ -75,16 +77,28 @@ class Algorithm:
         return self.cfg.old_logprobs == "recompute"
 
     @property
+    def weighs_mismatch(self) -> bool:
+        """Whether the trainer weighs each token by pi_old / pi_engine (`mismatch`). Only with a
+        recomputed pi_old: with the rollout's, the loss corrects the ratio itself."""
+        return self.recompute_old_logprobs and self.cfg.loss.mismatch.mode != "none"
+
+    @property
     def old_logprobs_from_update(self) -> bool:
         """Recomputed pi_old of the first mini-batch comes from its own update's forward (the
         policy has not stepped on this batch yet), so the scoring pass covers only the later
-        mini-batches; not when `prepare` needs pi_old first (IS weights, KL in the reward:
-        anything new in `prepare` that reads batch.old_logprobs belongs in this condition)."""
-        return (
-            self.recompute_old_logprobs
-            and self.cfg.loss.mismatch.mode == "none"
-            and self.cfg.kl_in_reward == 0
-        )
+        mini-batches; that update also computes its rows' IS weights. Not when `prepare` needs
+        pi_old first (KL in the reward: anything new in `prepare` that reads
+        batch.old_logprobs belongs in this condition)."""
+        return self.recompute_old_logprobs and self.cfg.kl_in_reward == 0
+
+    def mismatch(
+        self, old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """(IS weights [B, T], train/mismatch/* metrics) of pi_old against the engine's
+        logprobs, both [B, T], per `loss.mismatch` (toolrl.algo.losses.mismatch_weights)."""
+        log_rho = old_logprobs - rollout_logprobs  # trainer vs engine, [B, T]
+        weights, m = mismatch_weights(log_rho, mask, self.cfg.loss.mismatch)
+        return weights, {f"train/{k}": v.item() for k, v in m.items()}
 
     def select_groups(self, trajs: list[Trajectory], want: int) -> tuple[list[Trajectory], int]:
         """With dynamic sampling, the first `want` groups whose rewards differ (a group whose
@@ -106,15 +120,12 @@ class Algorithm:
         max_len, c = self.max_total_tokens - traj.prompt_len, self.cfg
         return overlong_penalty(traj.response_len, max_len, c.overlong_buffer, c.overlong_penalty)
 
-    def prepare(
-        self, batch: TrainBatch, trajs: list[Trajectory], rollout_logprobs: Tensor
-    ) -> dict[str, float]:
-        """Set the batch's advantages (and returns, IS weights); returns metrics.
+    def prepare(self, batch: TrainBatch, trajs: list[Trajectory]) -> dict[str, float]:
+        """Set the batch's advantages (and returns); returns metrics.
 
         batch.old_logprobs (recomputed or the rollout's; with `old_logprobs_from_update`, the
         first mini-batch's rows still hold the rollout's, so nothing here may read them then),
-        batch.ref_logprobs (when needs_reference) and batch.values (when needs_critic) are
-        set; rollout_logprobs: [B, T].
+        batch.ref_logprobs (when needs_reference) and batch.values (when needs_critic) are set.
         """
         x = self._inputs(batch, trajs)
         batch.advantages, batch.returns = self.estimator(x)
@@ -131,10 +142,6 @@ class Algorithm:
             )
             metrics["critic/value_mean"] = masked_mean(batch.values, mask).item()
             metrics["critic/return_mean"] = masked_mean(batch.returns, mask).item()
-        if self.recompute_old_logprobs and self.cfg.loss.mismatch.mode != "none":
-            log_rho = batch.old_logprobs - rollout_logprobs  # trainer vs engine, [B, T]
-            batch.is_weights, m = mismatch_weights(log_rho, mask, self.cfg.loss.mismatch)
-            metrics |= {f"train/{k}": v.item() for k, v in m.items()}
         return metrics
 
     def _inputs(self, batch: TrainBatch, trajs: list[Trajectory]) -> AdvantageInputs:

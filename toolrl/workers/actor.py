@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 from toolrl.algo.batch import TrainBatch
-from toolrl.algo.losses import LossConfig, LossScale, policy_loss
+from toolrl.algo.losses import LossConfig, LossScale, mismatch_weights, policy_loss
 from toolrl.config import OptimConfig
 from toolrl.workers.scoring import ScoredLM
 from toolrl.workers.weights import new_weights_file, shm_dir
@@ -211,18 +211,17 @@ class Policy(_Scorer):
         loss_cfg: the algorithm's loss settings. old_out: a zero [B, T] tensor, given when
         pi_old is the policy as it stands (the first step on a rollout batch): each
         micro-batch's own forward is then its pi_old (ratio 1, so the gradient is the plain
-        policy gradient), batch.old_logprobs is not read, and the forward's logprobs are
-        written to old_out, saving the scoring pass before the update. That forward runs in
-        train mode: the same as the pass's eval mode for models without dropout (HF LMs'
-        attention and hidden dropout default to 0).
+        policy gradient), and the forward's logprobs are written to old_out, saving the
+        scoring pass before the update. batch.old_logprobs then hold the engine's logprobs,
+        read only for the IS weights of a mismatch mode, computed here from that pi_old as
+        the trainer computes them for the other rows. That forward runs in train mode: the
+        same as the pass's eval mode for models without dropout (HF LMs' attention and
+        hidden dropout default to 0).
         """
         if loss_cfg.kl_coef > 0 and batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 but the batch has no ref_logprobs")
-        if old_out is not None and (
-            loss_cfg.mismatch.mode != "none" or batch.is_weights is not None
-        ):
-            # IS weights compare pi_old with the rollout's logprobs before the update
-            raise ValueError("pi_old from the update's own forward cannot carry IS weights")
+        if old_out is not None and batch.is_weights is not None:
+            raise ValueError("pi_old from the update's own forward: its IS weights come after")
         device, world = train_device(), dist.get_world_size()
         num_tokens = max(scale.num_tokens, 1.0)
         scale = LossScale(num_tokens, max(scale.num_seqs, 1.0))
@@ -238,7 +237,7 @@ class Policy(_Scorer):
             mb = mb.trimmed().to(device)
             lp, ent = self.model.score(mb, self.temperature, entropy)
             if old_out is not None:
-                mb.old_logprobs = lp.detach()  # [b, t], 0 off the sampled columns
+                self._score_old(mb, lp.detach(), loss_cfg)
                 if rows is not None:
                     scored_old.append((rows, mb.old_logprobs))
             loss, m = policy_loss(lp, mb, loss_cfg, scale, ent)
@@ -265,6 +264,15 @@ class Policy(_Scorer):
         metrics = {"loss": total[0].item(), "grad_norm": grad_norm, "lr": lr}
         metrics |= {k: (total[i] / num_tokens).item() for i, k in enumerate(keys) if i > 0}
         return metrics | {"ratio_max": ratio_max.item(), "num_tokens": num_tokens}
+
+    @staticmethod
+    def _score_old(mb: TrainBatch, old: Tensor, loss_cfg: LossConfig) -> None:
+        """pi_old [b, t] from the update's own forward becomes the micro-batch's, and weighs
+        it against the engine's logprobs the batch held (toolrl.algo.algorithm.mismatch)."""
+        if loss_cfg.mismatch.mode != "none":
+            log_rho = old - mb.old_logprobs  # trainer vs engine, [b, t]
+            mb.is_weights, _ = mismatch_weights(log_rho, mb.loss_mask, loss_cfg.mismatch)
+        mb.old_logprobs = old  # 0 off the sampled columns
 
     def state_dict_bytes(self) -> bytes | None:
         """Collective. Full weights as safetensors bytes on rank 0 (HF key names); None elsewhere."""
