@@ -433,13 +433,16 @@ def test_ray_train_group_end_to_end(model_dir: str, tmp_path: Path) -> None:
         cfg = TrainGroupConfig(world_size=2, micro_batch_size=2)
         loss = LossConfig(kl_coef=0.01)
         group = TrainGroup(cfg, model_dir, PolicyRole(OptimConfig(lr=1e-3), reference=True))
+        # rows go to the ranks by token count, not in order; results come back in row order
+        assert batch.balanced_rows(2) != [[0, 1, 2], [3, 4]]
         lp = group.logprobs(batch)
         assert torch.allclose(lp, expected, atol=1e-5)
         # one row: rank 1 gets no rows at all and must still join every collective
         assert torch.allclose(group.logprobs(batch.rows(0, 1)), lp[:1], atol=1e-6)
         batch.ref_logprobs = group.ref_logprobs(batch)
         assert torch.allclose(batch.ref_logprobs, lp, atol=1e-6)
-        metrics = group.update(batch, loss)
+        metrics, scored_old = group.update_scoring_old(batch, loss)
+        assert torch.allclose(scored_old, lp, atol=1e-5)
         assert metrics["num_tokens"] == batch.num_tokens and metrics["grad_norm"] > 0
         fresh = Qwen2ForCausalLM(_hf_model(model_dir).config)
         fresh.load_state_dict(safetensors.torch.load(group.weights()), strict=False)

@@ -139,3 +139,36 @@ def test_new_fields_are_shape_checked_and_carried_by_split() -> None:
         assert torch.equal(torch.cat([getattr(h, name) for h in halves]), getattr(batch, name))
     with pytest.raises(ValueError, match="returns"):
         TrainBatch(*(torch.zeros(2, 3) for _ in range(8)), torch.zeros(2, 4))
+
+
+def test_balanced_rows_even_out_tokens_across_ranks() -> None:
+    batch = _lengths_batch([10, 10, 1, 1], width=10)  # contiguous halves: 20 and 2 tokens
+    assert batch.balanced_rows(2) == [[0, 2], [1, 3]]  # 11 and 11
+    assert _lengths_batch([5], width=5).balanced_rows(3) == [[0], [], []]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_balanced_rows_keep_split_sizes_and_a_spread_under_the_longest_row(seed: int) -> None:
+    """Fuzzed lengths (long-tailed, as turn counts make them): every row once, each rank's
+    rows in batch order and as many as `split` gives it, and the ranks' token counts apart
+    by less than the longest row (the greedy pass places rows longest first)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_rows, ranks = int(torch.randint(1, 70, (1,), generator=gen)), 1 + seed % 4
+    lengths = (torch.empty(n_rows).exponential_(generator=gen) * 80).long().add(3).tolist()
+    batch = _lengths_batch(lengths, width=max(lengths))
+    parts = batch.balanced_rows(ranks)
+    assert sorted(i for p in parts for i in p) == list(range(n_rows))
+    assert all(p == sorted(p) for p in parts)
+    assert [len(p) for p in parts] == batch.split_sizes(ranks)
+    tokens = [sum(lengths[i] for i in p) for p in parts]
+    assert max(tokens) - min(tokens) <= max(lengths)
+    contiguous = [sum(lengths[s : s + k]) for s, k in _starts(batch.split_sizes(ranks))]
+    assert max(tokens) <= max(contiguous)
+
+
+def _starts(sizes: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for k in sizes:
+        out.append((start, k))
+        start += k
+    return out

@@ -114,6 +114,21 @@ class TrainBatch:
             start += size
         return parts
 
+    def balanced_rows(self, n: int) -> list[list[int]]:
+        """Row indices for n data-parallel ranks: the row counts of `split_sizes(n)`, the
+        token counts as even as a greedy pass makes them (longest row first, each to the rank
+        holding the fewest tokens that has room), each rank's rows in batch order. Ranks wait
+        for each other at every collective, so the one with the most tokens sets the pace; the
+        loss divides by global counts (algo/losses.py), so any assignment gives the same step."""
+        lengths = self.attention_mask.sum(dim=1).tolist()
+        room, tokens = self.split_sizes(n), [0] * n
+        parts: list[list[int]] = [[] for _ in range(n)]
+        for i in sorted(range(self.size), key=lambda i: -lengths[i]):
+            r = min((r for r in range(n) if room[r]), key=lambda r: tokens[r])
+            parts[r].append(i)
+            room[r], tokens[r] = room[r] - 1, tokens[r] + lengths[i]
+        return [sorted(p) for p in parts]
+
     def select(self, rows: list[int]) -> TrainBatch:
         """These rows, in this order, as a new batch (copies)."""
         index = torch.tensor(rows, dtype=torch.long)

@@ -2,9 +2,10 @@
 
 `TrainGroup` (driver side) starts `world_size` `TrainWorker` actors, has them form one
 torch.distributed group (gloo on CPU, NCCL when the actor sees a GPU), splits every batch
-across them by rows and gathers the results. All work is in the role classes: `Policy` and
-`Reference` (toolrl.workers.actor), `Critic` (toolrl.workers.critic). A run has one group
-holding the policy, and the critic either beside it or in a second group of its own.
+across them by rows, evening out their token counts, and gathers the results. All work is
+in the role classes: `Policy` and `Reference` (toolrl.workers.actor), `Critic`
+(toolrl.workers.critic). A run has one group holding the policy, and the critic either
+beside it or in a second group of its own.
 
 Run `python -m pytest tests/integration/test_fsdp_actor.py -k ray` (needs `ray.init` first
 in real use; `toolrl.main` does that).
@@ -180,24 +181,35 @@ class TrainGroup:
         self.rank_nodes = ray.get([w.node_id.remote() for w in self.workers])  # per rank
         self.node_id = self.rank_nodes[0]  # where write_weights writes
 
-    def _per_rank(self, method: str, batch: TrainBatch, *args: object) -> list:
-        """Rank r gets rows batch.split(world_size)[r]; results come back in rank order."""
-        parts = batch.split(self.cfg.world_size)
-        return ray.get(
-            [getattr(w, method).remote(p, *args) for w, p in zip(self.workers, parts, strict=True)]
-        )
+    def _per_rank(self, method: str, batch: TrainBatch, *args: object) -> tuple[list, list]:
+        """Rank r gets rows batch.balanced_rows(world_size)[r] (even token counts); returns
+        (results in rank order, those rows)."""
+        rows = batch.balanced_rows(self.cfg.world_size)
+        calls = [
+            getattr(w, method).remote(batch.select(r), *args)
+            for w, r in zip(self.workers, rows, strict=True)
+        ]
+        return ray.get(calls), rows
+
+    @staticmethod
+    def _in_batch_order(parts: list[Tensor], rows: list[list[int]]) -> Tensor:
+        """[B, T] from each rank's [b_r, T] rows."""
+        return torch.cat(parts)[torch.tensor([i for r in rows for i in r]).argsort()]
+
+    def _scores(self, method: str, batch: TrainBatch) -> Tensor:
+        return self._in_batch_order(*self._per_rank(method, batch))
 
     def logprobs(self, batch: TrainBatch) -> Tensor:
         """[B, T] policy logprob of token t+1 at column t (see toolrl.algo.batch)."""
-        return torch.cat(self._per_rank("logprobs", batch))
+        return self._scores("logprobs", batch)
 
     def ref_logprobs(self, batch: TrainBatch) -> Tensor | None:
         """[B, T] reference logprobs, or None when this group holds no reference."""
-        return torch.cat(self._per_rank("ref_logprobs", batch)) if self.has_reference else None
+        return self._scores("ref_logprobs", batch) if self.has_reference else None
 
     def values(self, batch: TrainBatch) -> Tensor:
         """[B, T] the critic's value before token t+1 at column t."""
-        return torch.cat(self._per_rank("values", batch))
+        return self._scores("values", batch)
 
     def update(self, batch: TrainBatch, loss: LossConfig) -> dict[str, float]:
         """One policy optimizer step on the whole batch with the algorithm's loss settings;
@@ -216,13 +228,13 @@ class TrainGroup:
     def _update(
         self, batch: TrainBatch, loss: LossConfig, score_old: bool
     ) -> tuple[dict[str, float], Tensor | None]:
-        out = self._per_rank("update", batch, LossScale.of(batch), loss, score_old)
-        old = torch.cat([o for _, o in out]) if score_old else None
+        out, rows = self._per_rank("update", batch, LossScale.of(batch), loss, score_old)
+        old = self._in_batch_order([o for _, o in out], rows) if score_old else None
         return self._fold([m for m, _ in out]), old
 
     def update_critic(self, batch: TrainBatch) -> dict[str, float]:
         """One critic optimizer step on the whole batch (values, returns set)."""
-        return self._fold(self._per_rank("update_critic", batch, LossScale.of(batch)))
+        return self._fold(self._per_rank("update_critic", batch, LossScale.of(batch))[0])
 
     @staticmethod
     def _fold(results: list[dict[str, float]]) -> dict[str, float]:
