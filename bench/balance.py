@@ -58,14 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="passes over those batches")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the job and the groups")
     args = ap.parse_args()
-    common = [
-        f"trainer.total_steps={args.steps}",
-        "trainer.eval_every=0",
-        "trainer.save_checkpoint=false",
-        "logger.wandb_mode=disabled",
-        "logger.progress_bar=false",
-        *args.overrides,
-    ]
+    common = step.job_overrides(args.steps, args.overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         _, kept_per_step, model = step.run_job(common, run_dir)
 

@@ -64,6 +64,13 @@ def load_config(overrides: list[str]):
     return cfg
 
 
+def job_overrides(steps: int, extra: list[str]) -> list[str]:
+    """A short default job for timing: no evaluation, checkpoint, wandb or progress bar."""
+    quiet = ["trainer.eval_every=0", "trainer.save_checkpoint=false"]
+    quiet += ["logger.wandb_mode=disabled", "logger.progress_bar=false"]
+    return [f"trainer.total_steps={steps}", *quiet, *extra]
+
+
 def run_job(
     overrides: list[str], run_dir: str, paired: list[tuple[float, float]] | None = None
 ) -> tuple[list[dict], list[list], str]:
@@ -190,14 +197,7 @@ def main() -> None:
         print(json.dumps(split([r for r in rows if "time/step_s" in r]), indent=2))
         return
     cores = len(os.sched_getaffinity(0))
-    common = [
-        f"trainer.total_steps={args.steps}",
-        "trainer.eval_every=0",
-        "trainer.save_checkpoint=false",
-        "logger.wandb_mode=disabled",
-        "logger.progress_bar=false",
-        *args.overrides,
-    ]
+    common = job_overrides(args.steps, args.overrides)
     modes = {
         "sync": ["trainer.max_staleness=0"],
         "overlap": ["trainer.max_staleness=1", "algorithm.loss.mismatch.mode=tis"],
