@@ -194,7 +194,8 @@ class TrainGroup:
     @staticmethod
     def _in_batch_order(parts: list[Tensor], rows: list[list[int]]) -> Tensor:
         """[B, T] from each rank's [b_r, T] rows."""
-        return torch.cat(parts)[torch.tensor([i for r in rows for i in r]).argsort()]
+        order = torch.tensor([i for r in rows for i in r], dtype=torch.long)
+        return torch.cat(parts)[order.argsort()]
 
     def _scores(self, method: str, batch: TrainBatch) -> Tensor:
         return self._in_batch_order(*self._per_rank(method, batch))
