@@ -83,6 +83,9 @@ def _trainer(groups, embedded_model: str, tmp_path: Path, *overrides: str, own_c
 
 
 def _one_step(groups, embedded_model: str, tmp_path: Path, *overrides: str, own_critic=False):
+    rollout, train, _ = groups
+    # the policy as the cases before left it, in the engines too: this step starts on-policy
+    rollout.load_weights(train.weights(), version=0)
     trainer, algorithm, logger = _trainer(
         groups, embedded_model, tmp_path, *overrides, own_critic=own_critic
     )
@@ -131,9 +134,11 @@ def test_algorithm_takes_a_training_step(case, groups, embedded_model, tmp_path)
         assert 1 <= m["train/sampling_rounds"] <= 3 and m["train/groups_kept"] <= 2
         assert m["train/overlong_penalty"] <= 0
     if algorithm.cfg.loss.mismatch.mode != "none":
-        # engine and trainer agree on CPU float32: nothing cut, rho ~ 1 (in rollout mode the
-        # last mini-batch's rho, one update (lr 3e-4) after the rollout)
-        assert m["train/mismatch/tokens_cut"] < 0.01
+        # engine and trainer agree on CPU float32: nothing cut, rho ~ 1. In rollout mode the
+        # metrics are the last mini-batch's, one update (lr 3e-4) after the rollout: a rare
+        # low-probability token moves more than 2x (1 of 68 after the cases before this one)
+        recomputed = algorithm.cfg.old_logprobs == "recompute"
+        assert m["train/mismatch/tokens_cut"] < (0.001 if recomputed else 0.05)
         assert m["train/mismatch/rho_mean"] == pytest.approx(1.0, abs=0.05)
     if algorithm.cfg.old_logprobs == "rollout":
         assert "rollout/logprob_diff_max" not in m  # no recompute pass
@@ -145,7 +150,7 @@ def test_overlapped_steps_train_on_batches_one_update_old(groups, embedded_model
     """max_staleness=1: batch k+1 is rolled out during update k with the weights before it;
     every turn records the version that sampled it, and none is more than one update old."""
     rollout, train, _ = groups
-    rollout.load_weights(train.weights(), version=0)  # the shared engines: start in step
+    rollout.load_weights(train.weights(), version=0)  # the shared engines: start on-policy
     overrides = ("trainer.max_staleness=1", "algorithm.loss.mismatch.mode=tis")
     trainer, _, logger = _trainer(
         groups, embedded_model, tmp_path, *overrides, "trainer.total_steps=3"
