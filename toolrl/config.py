@@ -220,7 +220,7 @@ class LoggerConfig:
     project: str = "toolrl"
     run_name: str | None = None
     progress_bar: bool = True
-    trajectories_per_step: int = 4  # to trajectories.jsonl and a wandb table; 0: none
+    trajectories_per_step: int = 4  # to trajectories.jsonl (evals: eval_...) and wandb; 0: none
 
 
 @dataclass

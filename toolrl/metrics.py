@@ -4,7 +4,8 @@ Every step's metrics go to `metrics.jsonl` in the run directory (one JSON object
 always), to wandb (offline by default, so no account is needed; `wandb sync` uploads a
 run later) and to a progress bar on the console. docs/metrics.md says what each key means.
 A few sample trajectories per step (prompt, turns with their calls and the tools' answers,
-reward and its components) go to `trajectories.jsonl` and to a wandb table.
+reward and its components) go to `trajectories.jsonl` and to a wandb table, and as many of
+each evaluation's to `eval_trajectories.jsonl` and a table of that name.
 
     python -m toolrl.metrics runs/<date>/<time>     # print a run's curve as a table
     python -m toolrl.metrics RUN_A RUN_B ...         # several runs' eval reward side by side
@@ -161,6 +162,8 @@ def trajectory_records(
     return out
 
 
+# sample trajectories of training steps, and of the evaluations (eval prompts, at eval steps)
+SAMPLE_TABLES = ("trajectories", "eval_trajectories")
 TRAJECTORY_COLUMNS = [
     "step", "prompt_id", "sample", "prompt", "turns", "final_text", "reward", "reward_components"
 ]  # fmt: skip
@@ -213,9 +216,10 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep_rows_before(self.path, start_step)
         self._file = self.path.open("a")
-        self.trajectories_path = Path(run_dir) / "trajectories.jsonl"
-        keep_rows_before(self.trajectories_path, start_step)
-        self._trajectories_file: Any = None  # opened at the first write
+        self.run_dir = Path(run_dir)
+        for table in SAMPLE_TABLES:  # train samples, and the evaluations'
+            keep_rows_before(self.run_dir / f"{table}.jsonl", start_step)
+        self._sample_files: dict[str, Any] = {}  # each opened at its first write
         self._wandb = None
         self.run_id = run_id
         if wandb_mode != "disabled":
@@ -254,21 +258,26 @@ class MetricsLogger:
             shown = {short: f"{metrics[k]:.3g}" for k, short in _BAR_KEYS.items() if k in metrics}
             self._bar.set_postfix(shown, refresh=False)
 
-    def log_trajectories(self, step: int, records: list[dict[str, Any]]) -> None:
-        """Sample trajectories (`trajectory_records`) to trajectories.jsonl, one a line, and
-        to wandb as the table `trajectories`."""
+    def log_trajectories(
+        self, step: int, records: list[dict[str, Any]], table: str = "trajectories"
+    ) -> None:
+        """Sample trajectories (`trajectory_records`) to <table>.jsonl, one a line, and to
+        wandb as the table <table>: one of SAMPLE_TABLES."""
+        if table not in SAMPLE_TABLES:
+            raise ValueError(f"sample table {table!r}; use one of {', '.join(SAMPLE_TABLES)}")
         if not records:
             return
-        if self._trajectories_file is None:
-            self._trajectories_file = self.trajectories_path.open("a")
+        if table not in self._sample_files:
+            self._sample_files[table] = (self.run_dir / f"{table}.jsonl").open("a")
+        out = self._sample_files[table]
         for r in records:
-            self._trajectories_file.write(json.dumps(r, default=str) + "\n")
-        self._trajectories_file.flush()
+            out.write(json.dumps(r, default=str) + "\n")
+        out.flush()
         if self._wandb is not None:
             import wandb
 
-            table = wandb.Table(columns=TRAJECTORY_COLUMNS, data=[table_row(r) for r in records])
-            self._wandb.log({"trajectories": table}, step=step)
+            rows = wandb.Table(columns=TRAJECTORY_COLUMNS, data=[table_row(r) for r in records])
+            self._wandb.log({table: rows}, step=step)
 
     def advance(self) -> None:
         if self._bar is not None:
@@ -276,8 +285,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._file.close()
-        if self._trajectories_file is not None:
-            self._trajectories_file.close()
+        for out in self._sample_files.values():
+            out.close()
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:

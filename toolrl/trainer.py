@@ -110,7 +110,7 @@ class Trainer:
                 if t.save_every and self.completed % t.save_every == 0:
                     saved = self._save(self.completed)
             self._push_weights(t.total_steps)
-            final = self.evaluate()
+            final = self.evaluate(t.total_steps)
         except Preempted as e:
             e.completed = self.completed
             if t.save_every and self.completed > saved and not e.immediate:
@@ -175,25 +175,27 @@ class Trainer:
                 eps.append(Episode.of(pid, p, seed))
         return eps
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int) -> dict[str, float]:
         """Each eval prompt rolled out trainer.eval_samples times: eval/* means over all
         samples, and eval/pass@k. Fixed seeds per (prompt, sample): every evaluation draws the
         same random numbers, so the change in eval reward reflects the policy, not the
-        sampling noise."""
+        sampling noise. `step`: updates so far, for the logged samples."""
         t = self.cfg.trainer
         eps = eval_episodes(self.eval_prompts, t.seed, t.eval_samples)
-        return eval_metrics(self._roll(eps, evaluate=True), t)
+        trajs = self._roll(eps, evaluate=True)
+        self._log_samples(step, trajs, "eval_trajectories")
+        return eval_metrics(trajs, t)
 
-    def _log_samples(self, step: int, trajs: list[Trajectory]) -> None:
-        """The step's first logger.trajectories_per_step trajectories (the first prompt
-        group's samples first) to trajectories.jsonl and wandb."""
+    def _log_samples(self, step: int, trajs: list[Trajectory], table: str) -> None:
+        """The first logger.trajectories_per_step trajectories (the first prompt's samples
+        first) to <table>.jsonl and wandb: "trajectories" for training's, or an evaluation's."""
         count = self.cfg.logger.trajectories_per_step
         if count:
-            prompts = self.train_prompts
+            prompts = self.eval_prompts if table == "eval_trajectories" else self.train_prompts
             records = trajectory_records(
                 trajs[:count], step, lambda pid: prompts[pid].messages, self.decode
             )
-            self.logger.log_trajectories(step, records)
+            self.logger.log_trajectories(step, records, table)
 
     def step(self, step: int, evaluate: bool = False) -> dict[str, float]:
         """One step: (evaluate,) roll out, update. The engines evaluate and sample with the
@@ -202,7 +204,7 @@ class Trainer:
         t0, cpu0 = time.perf_counter(), cpu_seconds()
         overlap = self.cfg.trainer.max_staleness > 0
         got = self._overlapped_batch(step, evaluate) if overlap else self._batch(step, evaluate)
-        self._log_samples(step, got.trajs)
+        self._log_samples(step, got.trajs, "trajectories")
         t1 = time.perf_counter()
         metrics = got.metrics | staleness(got.kept, step)
         batch = TrainBatch.from_trajectories(got.kept, None, self.pad_id)
@@ -229,7 +231,7 @@ class Trainer:
         """Synchronous: evaluate (weights of `step` updates), then roll out the batch."""
         metrics, t0 = {}, time.perf_counter()
         if evaluate:
-            metrics = self.evaluate()
+            metrics = self.evaluate(step)
         t1 = time.perf_counter()
         trajs, kept, rollout_m = self._rollout(step)
         took = time.perf_counter() - t1
@@ -246,7 +248,7 @@ class Trainer:
         metrics |= self._push_weights(step)
         t1 = time.perf_counter()
         if evaluate:
-            metrics |= self.evaluate()
+            metrics |= self.evaluate(step)
         eval_s = time.perf_counter() - t1
         self.next_rollout = None
         if step + 1 < self.cfg.trainer.total_steps:

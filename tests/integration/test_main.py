@@ -1,6 +1,6 @@
 """`python -m toolrl.main` end to end on a few steps, stopped by SIGTERM mid-run and resumed:
 the stop (exit status, saved step, no process left), the resumed run's metrics, wandb files,
-the sample trajectories (jsonl and the wandb table), a final checkpoint that transformers and
+the sample trajectories of training and evaluation (jsonl and wandb tables), a final checkpoint that transformers and
 vLLM both load, and `python -m toolrl.eval` on it reproducing the run's final evaluation.
 
     python -m pytest tests/integration/test_main.py
@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from tests.integration import runs
 from tests.integration.conftest import run_main
 from toolrl import checkpoint
+from toolrl.config import Config, build_task, register, to_config
 from toolrl.metrics import TRAJECTORY_COLUMNS
 
 # 4 steps, a checkpoint after 2; SIGTERM arrives once 3 are done, so the stop saves step 3.
@@ -117,6 +119,27 @@ def test_each_steps_sample_trajectories_are_in_jsonl_once_and_in_the_wandb_table
     assert {t["columns"] == TRAJECTORY_COLUMNS and len(t["data"]) == 4 for t in read} == {True}
     assert {row[0] for t in read for row in t["data"]} == {0, 1, 2, 3}  # the step column
     assert all(row[4] for t in read for row in t["data"])  # the turns, as text
+
+
+def test_each_evaluations_sample_trajectories_are_in_their_own_jsonl_and_table(stopped):
+    run_dir = stopped["dir"]
+    recs = [json.loads(x) for x in (run_dir / "eval_trajectories.jsonl").read_text().splitlines()]
+    # evaluations at steps 0, 2 and the end (4): the first 4 eval prompts' samples each
+    assert [(r["step"], r["prompt_id"]) for r in recs] == [
+        (s, p) for s in (0, 2, 4) for p in range(4)
+    ]
+    eval_prompts = build_task(_config(*SHORT).task).prompts("eval")
+    assert all(r["prompt"] == eval_prompts[r["prompt_id"]].messages for r in recs)
+    assert all(r["turns"][0]["text"] for r in recs)
+    tables = list((run_dir / "wandb").glob("offline-run-*/files/media/table/eval_trajectories_*"))
+    assert len(tables) == 3
+
+
+def _config(*overrides: str) -> Config:
+    register()
+    conf = str(Path(__file__).resolve().parents[2] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        return to_config(compose("config", overrides=list(overrides)))
 
 
 def of_samples(metrics: dict) -> dict:

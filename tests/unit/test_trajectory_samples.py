@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from toolrl.metrics import TRAJECTORY_COLUMNS, MetricsLogger, table_row, trajectory_records
 from toolrl.rollout.trajectory import ToolCall, ToolResult, Trajectory, Turn
 
@@ -89,3 +91,23 @@ def test_trajectories_jsonl_gets_each_steps_samples_and_a_resume_drops_the_later
     again.close()
     rows = [json.loads(x) for x in (tmp_path / "trajectories.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt_id"]) for r in rows] == [(0, 0), (0, 1), (1, 4)]
+
+
+def test_evaluation_samples_go_to_their_own_jsonl_and_a_resume_trims_it_too(tmp_path):
+    first = logger(tmp_path)
+    first.log_trajectories(0, trajectory_records([solved(0)], 0, lambda _: []))
+    for step in (0, 2):
+        records = trajectory_records([solved(7)], step, lambda _: [])
+        first.log_trajectories(step, records, "eval_trajectories")
+    first.close()
+    evals = [json.loads(x) for x in (tmp_path / "eval_trajectories.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt_id"]) for r in evals] == [(0, 7), (2, 7)]
+    train = (tmp_path / "trajectories.jsonl").read_text().splitlines()
+    assert [json.loads(x)["prompt_id"] for x in train] == [0]  # not mixed with the evals'
+    logger(tmp_path, start_step=1).close()  # resumed after step 0: the step-2 eval goes
+    evals = (tmp_path / "eval_trajectories.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in evals] == [0]
+    other = logger(tmp_path / "other")
+    with pytest.raises(ValueError, match="sample table"):
+        other.log_trajectories(0, [], "eval")
+    other.close()
