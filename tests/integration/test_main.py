@@ -1,7 +1,8 @@
 """`python -m toolrl.main` end to end on a few steps, stopped by SIGTERM mid-run and resumed:
 the stop (exit status, saved step, no process left), the resumed run's metrics, wandb files,
-the sample trajectories of training and evaluation (jsonl and wandb tables), a final checkpoint that transformers and
-vLLM both load, and `python -m toolrl.eval` on it reproducing the run's final evaluation.
+the sample trajectories of training and evaluation (jsonl and wandb tables), a final
+checkpoint that transformers and vLLM both load, and `python -m toolrl.eval` on it
+reproducing the run's final evaluation.
 
     python -m pytest tests/integration/test_main.py
 """

@@ -151,7 +151,7 @@ def test_balanced_rows_even_out_tokens_across_ranks() -> None:
 def test_balanced_rows_keep_split_sizes_and_a_spread_under_the_longest_row(seed: int) -> None:
     """Fuzzed lengths (long-tailed, as turn counts make them): every row once, each rank's
     rows in batch order and as many as `split` gives it, and the ranks' token counts apart
-    by less than the longest row (the greedy pass places rows longest first)."""
+    by at most the longest row (the greedy pass places rows longest first)."""
     gen = torch.Generator().manual_seed(seed)
     n_rows, ranks = int(torch.randint(1, 70, (1,), generator=gen)), 1 + seed % 4
     lengths = (torch.empty(n_rows).exponential_(generator=gen) * 80).long().add(3).tolist()
