@@ -32,22 +32,18 @@ from toolrl.algo.algorithm import Algorithm  # noqa: E402
 from toolrl.algo.batch import TrainBatch  # noqa: E402
 
 
-def in_order_group():  # noqa: ANN201
-    """A TrainGroup that deals rows to ranks in order, as before balanced_rows."""
-    import ray
+def in_order_rows(batch: TrainBatch, n: int) -> list[list[int]]:
+    """Rows dealt to n ranks in order, as before balanced_rows (the row counts of `split`)."""
+    return [r.tolist() for r in torch.arange(batch.size).split(batch.split_sizes(n))]
 
+
+def in_order_group():  # noqa: ANN201
+    """A TrainGroup that deals rows to ranks in order."""
     from toolrl.workers.train_group import TrainGroup
 
     class InOrder(TrainGroup):
-        def _per_rank(self, method: str, batch: TrainBatch, *args: object) -> tuple[list, list]:
-            rows, start = [], 0
-            for k in batch.split_sizes(self.cfg.world_size):
-                rows.append(list(range(start, start + k)))
-                start += k
-            parts = [batch.select(r) for r in rows]
-            workers = zip(self.workers, parts, strict=True)
-            calls = [getattr(w, method).remote(p, *args) for w, p in workers]
-            return ray.get(calls), rows
+        def _rank_rows(self, batch: TrainBatch) -> list[list[int]]:
+            return in_order_rows(batch, self.cfg.world_size)
 
     return InOrder
 
@@ -98,8 +94,7 @@ def main() -> None:
         batch = TrainBatch.from_trajectories(kept, None, pad_id=0)
         for part in batch.split(cfg.algorithm.mini_batches):
             lengths = part.attention_mask.sum(dim=1)
-            sizes = part.split_sizes(world)
-            in_order = [list(range(sum(sizes[:r]), sum(sizes[: r + 1]))) for r in range(world)]
+            in_order = in_order_rows(part, world)
             for name, rows in (("balanced", part.balanced_rows(world)), ("in order", in_order)):
                 tokens = [int(lengths[r].sum()) for r in rows]
                 spread[name].append(max(tokens) / (sum(tokens) / world))

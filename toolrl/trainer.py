@@ -183,15 +183,16 @@ class Trainer:
         t = self.cfg.trainer
         eps = eval_episodes(self.eval_prompts, t.seed, t.eval_samples)
         trajs = self._roll(eps, evaluate=True)
-        self._log_samples(step, trajs, "eval_trajectories")
+        self._log_samples(step, trajs, self.eval_prompts, "eval_trajectories")
         return eval_metrics(trajs, t)
 
-    def _log_samples(self, step: int, trajs: list[Trajectory], table: str) -> None:
+    def _log_samples(
+        self, step: int, trajs: list[Trajectory], prompts: list[Any], table: str
+    ) -> None:
         """The first logger.trajectories_per_step trajectories (the first prompt's samples
-        first) to <table>.jsonl and wandb: "trajectories" for training's, or an evaluation's."""
+        first; prompt ids index `prompts`) to <table>.jsonl and wandb."""
         count = self.cfg.logger.trajectories_per_step
         if count:
-            prompts = self.eval_prompts if table == "eval_trajectories" else self.train_prompts
             records = trajectory_records(
                 trajs[:count], step, lambda pid: prompts[pid].messages, self.decode
             )
@@ -204,7 +205,7 @@ class Trainer:
         t0, cpu0 = time.perf_counter(), cpu_seconds()
         overlap = self.cfg.trainer.max_staleness > 0
         got = self._overlapped_batch(step, evaluate) if overlap else self._batch(step, evaluate)
-        self._log_samples(step, got.trajs, "trajectories")
+        self._log_samples(step, got.trajs, self.train_prompts, "trajectories")
         t1 = time.perf_counter()
         metrics = got.metrics | staleness(got.kept, step)
         batch = TrainBatch.from_trajectories(got.kept, None, self.pad_id)

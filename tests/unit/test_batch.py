@@ -162,13 +162,5 @@ def test_balanced_rows_keep_split_sizes_and_a_spread_under_the_longest_row(seed:
     assert [len(p) for p in parts] == batch.split_sizes(ranks)
     tokens = [sum(lengths[i] for i in p) for p in parts]
     assert max(tokens) - min(tokens) <= max(lengths)
-    contiguous = [sum(lengths[s : s + k]) for s, k in _starts(batch.split_sizes(ranks))]
+    contiguous = [int(p.attention_mask.sum()) for p in batch.split(ranks)]
     assert max(tokens) <= max(contiguous)
-
-
-def _starts(sizes: list[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for k in sizes:
-        out.append((start, k))
-        start += k
-    return out

@@ -181,10 +181,14 @@ class TrainGroup:
         self.rank_nodes = ray.get([w.node_id.remote() for w in self.workers])  # per rank
         self.node_id = self.rank_nodes[0]  # where write_weights writes
 
+    def _rank_rows(self, batch: TrainBatch) -> list[list[int]]:
+        """Each rank's rows: even token counts (TrainBatch.balanced_rows)."""
+        return batch.balanced_rows(self.cfg.world_size)
+
     def _per_rank(self, method: str, batch: TrainBatch, *args: object) -> tuple[list, list]:
-        """Rank r gets rows batch.balanced_rows(world_size)[r] (even token counts); returns
-        (results in rank order, those rows)."""
-        rows = batch.balanced_rows(self.cfg.world_size)
+        """Rank r gets rows `_rank_rows(batch)[r]`; returns (results in rank order, those
+        rows)."""
+        rows = self._rank_rows(batch)
         calls = [
             getattr(w, method).remote(batch.select(r), *args)
             for w, r in zip(self.workers, rows, strict=True)
